@@ -1,0 +1,32 @@
+"""The ``ldreg`` command line.
+
+Each group of commands lives in its own module and imports heavy libraries (torch,
+the service) inside the command, so ``ldreg api`` starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import local
+
+app = typer.Typer(
+    name="ldreg",
+    help="LDReg: local-dimensionality regularized SSL, as a library, a CLI and a service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+admin_app = typer.Typer(help="Administration: migrations, teams, API keys.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+
+# Local work, no service.
+app.command("pretrain")(local.pretrain)
+app.command("lid")(local.lid)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

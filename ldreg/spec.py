@@ -1,0 +1,218 @@
+"""Job specifications: the one definition shared by the API, the worker and the CLI.
+
+These models import only pydantic (never torch), so the API can validate a spec
+without loading the science stack. Unknown fields are rejected (``extra="forbid"``)
+so a typo in a spec is a 422 naming the field, not a silently ignored setting.
+
+The field names are fixed by shared/DESIGN.md ("A pretrain spec", "A diagnose spec");
+fields beyond those are additions with defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae")
+BACKBONES = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+DATASETS = ("digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic")
+FILE_DATASETS = ("cifar10", "cifar100", "image_folder", "npz")
+ESTIMATORS = ("mle", "mom", "tle")
+
+# Official LDReg α per method (Huang et al. 2024, authors' configs; DESIGN.md table).
+# Barlow Twins and VICReg have no official value; they use SimCLR's.
+DEFAULT_ALPHA = {
+    "simclr": 0.01,
+    "byol": 0.005,
+    "moco_v3": 0.005,
+    "barlow_twins": 0.01,
+    "vicreg": 0.01,
+    "mae": 5e-6,
+}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_relative_data_path(path: str) -> str:
+    """Refuse a dataset path that could leave the server's data root.
+
+    Paths are resolved under ``LDREG_DATA_ROOT`` by the worker (which also re-checks
+    after resolving symlinks); here we reject what is visibly outside it.
+    """
+    if not path or path.strip() != path:
+        raise ValueError("path must be a non-empty relative path without surrounding spaces")
+    if "\x00" in path or "\\" in path:
+        raise ValueError("path must not contain NUL or backslashes")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or path.startswith("~"):
+        raise ValueError("path must be relative to the data root, not absolute")
+    if ".." in pure.parts:
+        raise ValueError("path must stay inside the data root ('..' is not allowed)")
+    return path
+
+
+class DatasetSpec(_Spec):
+    """Which images to train on.
+
+    ``path`` names a file or folder under the server's data root and is required for
+    the file-based datasets (``cifar10``, ``cifar100``, ``image_folder``, ``npz``).
+    """
+
+    name: Literal["digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic"] = "digits"
+    path: str | None = None
+    image_size: Annotated[int, Field(ge=8, le=512)] | None = Field(
+        default=None, description="resize images to this side; default: 32 for digits, native else"
+    )
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.2, description="held-out split for datasets without an official test split"
+    )
+    num_samples: Annotated[int, Field(ge=16, le=1_000_000)] = Field(
+        default=2000, description="synthetic only: number of generated images"
+    )
+    num_classes: Annotated[int, Field(ge=2, le=1000)] = Field(
+        default=10, description="synthetic only: number of generated classes"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_inside_root(cls, v: str | None) -> str | None:
+        return None if v is None else check_relative_data_path(v)
+
+    @model_validator(mode="after")
+    def _path_required_for_files(self) -> DatasetSpec:
+        if self.name in FILE_DATASETS and self.path is None:
+            raise ValueError(f"dataset '{self.name}' needs a 'path' under the data root")
+        return self
+
+
+class OptimizerSpec(_Spec):
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: Annotated[float, Field(gt=0.0, le=100.0)] = 0.3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-6
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        default="linear", description="lr is scaled by batch/256 (linear) or sqrt(batch/256)"
+    )
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+
+
+class LDRegSpec(_Spec):
+    """The LDReg term: ``alpha * mean(-|ln LID|)`` over the chosen target."""
+
+    alpha: Annotated[float, Field(ge=0.0, le=10.0)] | None = Field(
+        default=None, description="None → the method's official default"
+    )
+    k: Annotated[int, Field(ge=2, le=4096)] = 64
+    estimator: Literal["mom", "mle"] = "mom"
+    target: Literal["features", "projections"] = "features"
+    form: Literal["l1", "log"] = "l1"
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
+
+
+class EvalSpec(_Spec):
+    lid_k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(default_factory=lambda: [32, 512])
+    every_epochs: Annotated[int, Field(ge=1)] = 1
+    knn_k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [20, 200])
+    max_samples: Annotated[int, Field(ge=64)] = Field(
+        default=5000, description="cap on eval-set size used for LID / rank / kNN"
+    )
+
+
+class MethodOptions(_Spec):
+    """Per-method hyper-parameters; ``None`` means the method's own default."""
+
+    temperature: Annotated[float, Field(gt=0.0)] | None = None
+    proj_hidden_dim: Annotated[int, Field(ge=8)] | None = None
+    proj_dim: Annotated[int, Field(ge=8)] | None = None
+    pred_hidden_dim: Annotated[int, Field(ge=8)] | None = None
+    momentum_base: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    lambda_offdiag: Annotated[float, Field(ge=0.0)] | None = None
+    mask_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    patch_size: Annotated[int, Field(ge=1)] | None = None
+
+
+class PretrainSpec(_Spec):
+    method: Literal["simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae"]
+    backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 20
+    batch_size: Annotated[int, Field(ge=4, le=65_536)] = 256
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    ldreg: LDRegSpec | None = Field(default_factory=LDRegSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seed: int = 0
+    method_options: MethodOptions = Field(default_factory=MethodOptions)
+    width: Annotated[int, Field(ge=4, le=256)] | None = Field(
+        default=None, description="ResNet base width (64 = standard); smaller for quick runs"
+    )
+    small_stem: bool | None = Field(
+        default=None, description="3x3 conv stem, no max-pool; default on for images <= 64 px"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1
+    devices: Annotated[int, Field(ge=1, le=64)] = 1
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainSpec:
+        if self.ldreg is not None and self.ldreg.k >= self.batch_size:
+            raise ValueError(
+                f"ldreg.k ({self.ldreg.k}) must be smaller than batch_size ({self.batch_size}):"
+                " the neighbours come from the batch"
+            )
+        if self.method == "mae" and not self.backbone.startswith("vit"):
+            raise ValueError("method 'mae' needs a ViT backbone (vit_tiny, vit_small, vit_base)")
+        return self
+
+    @property
+    def ldreg_alpha(self) -> float:
+        """α in force: the spec's, or the method's official default."""
+        if self.ldreg is None:
+            return 0.0
+        return DEFAULT_ALPHA[self.method] if self.ldreg.alpha is None else self.ldreg.alpha
+
+
+class UploadSource(_Spec):
+    upload_id: str
+
+
+class JobSource(_Spec):
+    job_id: str
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+
+
+class ReferenceSpec(_Spec):
+    """Where each point's neighbours come from in a diagnosis."""
+
+    mode: Literal["full", "sample"] = "full"
+    size: Annotated[int, Field(ge=16)] | None = Field(
+        default=None, description="sample mode: number of reference points"
+    )
+
+
+class DiagnoseSpec(_Spec):
+    source: UploadSource | JobSource
+    k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(default_factory=lambda: [32, 64, 512])
+    estimators: list[Literal["mle", "mom", "tle"]] = Field(default_factory=lambda: ["mle", "mom"])
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    seed: int = 0
+
+    @field_validator("k", "estimators")
+    @classmethod
+    def _non_empty_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must name at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError("values must be unique")
+        return v
+
+
+JobKind = Literal["pretrain", "diagnose"]
+SPEC_MODELS: dict[str, type[_Spec]] = {"pretrain": PretrainSpec, "diagnose": DiagnoseSpec}
