@@ -1,0 +1,215 @@
+"""Fixtures for service tests: real PostgreSQL, real Redis, real processes.
+
+Each test session gets its own PostgreSQL database (migrated with Alembic) and its
+own Redis database index; the API (uvicorn) and Celery workers run as separate
+processes started through the ``ldreg`` command line, in their own process group so
+fault tests can SIGKILL them for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from service.db import migrate
+
+PG_SERVER = "postgres@127.0.0.1:5432"
+REDIS_SERVER = "redis://127.0.0.1:6379"
+LDREG = str(Path(sys.executable).with_name("ldreg"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    """A process in its own session (process group), with its output in a log file."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen = field(init=False)
+
+    def start(self) -> ServiceProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.args,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a Celery worker's children too)."""
+        if self.alive() or sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.popen.wait(10)
+        # Reap children a TERM'd parent may have left behind.
+        self.kill(signal.SIGKILL)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head."""
+    name = f"ldreg_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{PG_SERVER}/{name}"
+    migrate(url)
+    yield url
+    from service.db import engine_for
+
+    engine_for(url).dispose()
+    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database index of its own, emptied at the start of the session."""
+    index = 11
+    url = f"{REDIS_SERVER}/{index}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def service_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("ldreg_home")
+    (home / "data").mkdir()
+    return home
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_url: str, redis_url: str, service_home: Path) -> dict[str, str]:
+    """Environment for every service process: production services, fast timings."""
+    env = dict(os.environ)
+    env.update(
+        LDREG_DATABASE_URL=pg_url,
+        LDREG_BROKER_URL=redis_url,
+        LDREG_HOME=str(service_home),
+        LDREG_HEARTBEAT_SECONDS="1",
+        LDREG_STALE_AFTER_SECONDS="6",
+        LDREG_SWEEP_INTERVAL_SECONDS="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def wait_http_ok(url: str, timeout: float = 30.0, proc: ServiceProcess | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"process exited early:\n{proc.log()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"{url} not ready after {timeout}s" + (f"\n{proc.log()[-4000:]}" if proc else "")
+    )
+
+
+@pytest.fixture(scope="session")
+def api_server(service_env: dict[str, str], service_home: Path) -> Iterator[str]:
+    """The API as a real uvicorn process; yields its base URL."""
+    port = free_port()
+    proc = ServiceProcess(
+        [LDREG, "api", "--host", "127.0.0.1", "--port", str(port)],
+        service_env,
+        service_home / "api.log",
+    ).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(f"{base}/healthz", proc=proc)
+        yield base
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def start_worker(
+    service_env: dict[str, str], service_home: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Factory: start a real Celery worker (``ldreg worker``); all stopped at teardown."""
+    started: list[ServiceProcess] = []
+
+    def _start(queues: str = "cpu", **extra_env: str) -> ServiceProcess:
+        env = {**service_env, **extra_env}
+        log = service_home / f"worker-{len(started)}-{uuid.uuid4().hex[:6]}.log"
+        proc = ServiceProcess([LDREG, "worker", "--queues", queues], env, log).start()
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()
+
+
+def create_team(env: dict[str, str], name: str | None = None) -> str:
+    """Create a team through the real CLI; its API key is the last line printed."""
+    name = name or f"team-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(
+        [LDREG, "admin", "create-team", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def team_key(service_env: dict[str, str]) -> str:
+    return create_team(service_env)
+
+
+@pytest.fixture
+def client(api_server: str, team_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
+    ) as c:
+        yield c
