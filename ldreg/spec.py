@@ -134,6 +134,12 @@ class MethodOptions(_Spec):
     lambda_offdiag: Annotated[float, Field(ge=0.0)] | None = None
     mask_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     patch_size: Annotated[int, Field(ge=1)] | None = None
+    decoder_dim: Annotated[int, Field(ge=8)] | None = Field(
+        default=None, description="MAE decoder width (divisible by 4)"
+    )
+    decoder_depth: Annotated[int, Field(ge=1, le=32)] | None = Field(
+        default=None, description="MAE decoder blocks"
+    )
 
 
 class PretrainSpec(_Spec):
@@ -159,6 +165,9 @@ class PretrainSpec(_Spec):
     checkpoint_every: Annotated[int, Field(ge=1)] = 1
     devices: Annotated[int, Field(ge=1, le=64)] = 1
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    sync_bn: bool = Field(
+        default=False, description="with devices > 1: BatchNorm statistics over the global batch"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainSpec:
@@ -166,6 +175,11 @@ class PretrainSpec(_Spec):
             raise ValueError(
                 f"ldreg.k ({self.ldreg.k}) must be smaller than batch_size ({self.batch_size}):"
                 " the neighbours come from the batch"
+            )
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by devices ({self.devices}):"
+                " each device trains on an equal share of the global batch"
             )
         if self.method == "mae" and not self.backbone.startswith("vit"):
             raise ValueError("method 'mae' needs a ViT backbone (vit_tiny, vit_small, vit_base)")
