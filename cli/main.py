@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import local
+from cli import client, local
 
 app = typer.Typer(
     name="ldreg",
@@ -22,6 +22,18 @@ app.add_typer(admin_app, name="admin")
 # Local work, no service.
 app.command("pretrain")(local.pretrain)
 app.command("lid")(local.lid)
+
+# The HTTP client (LDREG_URL, LDREG_API_KEY).
+app.command("submit")(client.submit)
+app.command("jobs")(client.jobs)
+app.command("status")(client.status)
+app.command("watch")(client.watch)
+app.command("metrics")(client.metrics)
+app.command("cancel")(client.cancel)
+app.command("retry")(client.retry)
+app.command("download")(client.download)
+app.command("diagnose")(client.diagnose)
+app.command("compare")(client.compare)
 
 
 def main() -> None:
