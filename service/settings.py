@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(default=45.0, gt=0)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # A queued job whose message was published longer ago than this is published
+    # again: the message may have been lost (a non-persistent Redis restarted, a
+    # publish failed after commit). A duplicate message is harmless: claims are
+    # conditional. Keep it well above the normal wait of a job in the queue.
+    requeue_after_seconds: float = Field(default=600.0, gt=0)
+    # Redis re-delivers a message a dead worker had reserved after this long; with
+    # early acks only such never-started messages can be re-delivered (see worker/).
+    visibility_timeout_seconds: int = Field(default=12 * 3600, ge=60)
 
     # Queues: jobs go to "gpu" when a worker has CUDA, "cpu" otherwise (see worker/).
     default_queue: str = "cpu"
