@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import client, local
+from cli import admin, client, local
 
 app = typer.Typer(
     name="ldreg",
@@ -18,6 +18,11 @@ app = typer.Typer(
 )
 admin_app = typer.Typer(help="Administration: migrations, teams, API keys.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
+
+admin_app.command("migrate")(admin.migrate)
+admin_app.command("create-team")(admin.create_team)
+admin_app.command("create-key")(admin.create_key)
+admin_app.command("revoke-key")(admin.revoke_key)
 
 # Local work, no service.
 app.command("pretrain")(local.pretrain)

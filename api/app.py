@@ -1,0 +1,40 @@
+"""The FastAPI application: ``uvicorn --factory api.app:create_app``.
+
+Kept light on purpose: nothing here imports torch or Celery, and creating the app
+touches neither the database nor the broker, so the API process starts in well
+under a second (tests/test_api_import.py holds it to that).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+
+from api.errors import install_error_handlers
+from api.routes import health, jobs, uploads
+from service.settings import Settings, get_settings
+
+API_VERSION = "1"
+
+
+def operation_id(route: APIRoute) -> str:
+    """Stable OpenAPI operation ids: the route function's name (``submit_job``), so
+    generated clients keep their method names across releases."""
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="LDReg service",
+        version=API_VERSION,
+        description="Submit SSL pretraining and LID diagnosis jobs; follow their metrics.",
+        generate_unique_id_function=operation_id,
+    )
+    app.state.settings = settings or get_settings()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(jobs.router)
+    v1.include_router(uploads.router)
+    app.include_router(v1)
+    return app

@@ -1,0 +1,153 @@
+"""/v1/jobs: submit, list, read, cancel, retry, metrics, events, artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import FileResponse
+
+from api.deps import CurrentTeam, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import (
+    ArtifactList,
+    ArtifactOut,
+    ErrorOut,
+    EventList,
+    EventOut,
+    JobCreate,
+    JobKindName,
+    JobList,
+    JobOut,
+    JobStateName,
+    MetricsOut,
+)
+from service import jobs
+
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+)
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}},
+)
+def submit_job(
+    body: Annotated[JobCreate, Body()],
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    team: CurrentTeam,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="retrying with the same key and body returns the original job",
+        ),
+    ] = None,
+) -> JobOut:
+    """Submit a job. It is queued at once and runs when a worker is free."""
+    job, created = jobs.create_job(
+        session=session,
+        settings=settings,
+        team=team,
+        kind=body.kind,
+        name=body.name,
+        spec=body.spec,
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        jobs.publish_job(settings=settings, job=job)
+    else:
+        # The same answer as the first time, so a client's retry looks like success.
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.from_job(job)
+
+
+@router.get("", responses={422: {"model": ErrorOut}})
+def list_jobs(
+    session: SessionDep,
+    team: CurrentTeam,
+    state: Annotated[list[JobStateName] | None, Query(description="repeat for several")] = None,
+    kind: JobKindName | None = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=jobs.MAX_PAGE_SIZE)] = 50,
+) -> JobList:
+    """The team's jobs, newest first."""
+    page = jobs.list_jobs(
+        session=session, team=team, states=state, kind=kind, cursor=cursor, limit=limit
+    )
+    return JobList(jobs=[JobOut.from_job(j) for j in page.jobs], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
+    job = jobs.get_job(session=session, team=team, job_id=job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} in your team", field="id")
+    return JobOut.from_job(job)
+
+
+@router.get("/{job_id}/metrics")
+def get_job_metrics(
+    job_id: str,
+    session: SessionDep,
+    team: CurrentTeam,
+    name: Annotated[list[str] | None, Query(description="only these series")] = None,
+    since: Annotated[int | None, Query(description="only steps after this one")] = None,
+    max_points: Annotated[
+        int | None, Query(ge=1, le=100_000, description="thin each series to at most this many")
+    ] = None,
+) -> MetricsOut:
+    """Per-series metric points ordered by step."""
+    series = jobs.list_metrics(
+        session=session, team=team, job_id=job_id, names=name, since=since, max_points=max_points
+    )
+    return MetricsOut.model_validate({"series": series})
+
+
+@router.get("/{job_id}/events")
+def list_job_events(job_id: str, session: SessionDep, team: CurrentTeam) -> EventList:
+    """Every state transition, with its reason and the attempt it happened in."""
+    events = jobs.list_events(session=session, team=team, job_id=job_id)
+    return EventList(events=[EventOut.from_event(e) for e in events])
+
+
+@router.post("/{job_id}/cancel", responses={409: {"model": ErrorOut}})
+def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
+    """Cancel: a queued job ends at once; a running one turns 'cancelling' until its
+    worker stops it (within a few training steps)."""
+    return JobOut.from_job(jobs.request_cancel(session=session, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/retry", responses={409: {"model": ErrorOut}})
+def retry_job(job_id: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam) -> JobOut:
+    """Queue a failed or cancelled job again; it resumes from its last checkpoint."""
+    job = jobs.retry_job(session=session, settings=settings, team=team, job_id=job_id)
+    jobs.publish_job(settings=settings, job=job)
+    return JobOut.from_job(job)
+
+
+@router.get("/{job_id}/artifacts")
+def list_job_artifacts(job_id: str, session: SessionDep, team: CurrentTeam) -> ArtifactList:
+    artifacts = jobs.list_artifacts(session=session, team=team, job_id=job_id)
+    return ArtifactList(artifacts=[ArtifactOut.from_artifact(a) for a in artifacts])
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_job_artifact(
+    job_id: str, name: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam
+) -> FileResponse:
+    """The artifact's bytes, streamed from disk."""
+    artifact, path = jobs.get_artifact(
+        session=session, settings=settings, team=team, job_id=job_id, name=name
+    )
+    return FileResponse(path, media_type=artifact.media_type, filename=path.name)

@@ -1,0 +1,195 @@
+"""Request and response bodies of HTTP API v1 (shapes fixed by shared/DESIGN.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ldreg.spec import DiagnoseSpec, PretrainSpec
+from service.models import Artifact, Job, JobEvent, Upload
+
+JobStateName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobKindName = Literal["pretrain", "diagnose"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PretrainJobCreate(_Request):
+    kind: Literal["pretrain"]
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    spec: PretrainSpec
+
+
+class DiagnoseJobCreate(_Request):
+    kind: Literal["diagnose"]
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    spec: DiagnoseSpec
+
+
+# Tagged by "kind", so a bad spec is reported against the right model's fields.
+JobCreate = Annotated[PretrainJobCreate | DiagnoseJobCreate, Field(discriminator="kind")]
+
+
+class Progress(BaseModel):
+    epoch: int
+    epochs: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: JobKindName
+    name: str | None
+    state: JobStateName
+    attempt: int
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: JobError | None
+    summary: dict[str, Any] | None
+    spec: dict[str, Any]
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobOut:
+        error = None
+        if job.error_code is not None or job.error_message is not None:
+            error = JobError(code=job.error_code or "error", message=job.error_message or "")
+        return cls(
+            id=job.id,
+            kind=job.kind,  # type: ignore[arg-type]
+            name=job.name,
+            state=job.state,  # type: ignore[arg-type]
+            attempt=job.attempt,
+            progress=Progress(epoch=job.progress_epoch, epochs=job.progress_epochs),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            error=error,
+            summary=job.summary,
+            spec=job.spec,
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next (older) page; null on the last page"
+    )
+
+
+class MetricPoint(BaseModel):
+    epoch: int
+    step: int
+    value: float
+
+
+class MetricsOut(BaseModel):
+    series: dict[str, list[MetricPoint]]
+
+
+class EventOut(BaseModel):
+    at: datetime
+    from_state: str | None
+    to_state: str
+    attempt: int
+    reason: str
+
+    @classmethod
+    def from_event(cls, event: JobEvent) -> EventOut:
+        return cls(
+            at=event.at,
+            from_state=event.from_state,
+            to_state=event.to_state,
+            attempt=event.attempt,
+            reason=event.reason,
+        )
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str | None
+    media_type: str
+    created_at: datetime
+    url: str
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> ArtifactOut:
+        return cls(
+            name=artifact.name,
+            size=artifact.size,
+            sha256=artifact.sha256,
+            media_type=artifact.media_type,
+            created_at=artifact.created_at,
+            url=f"/v1/jobs/{artifact.job_id}/artifacts/{artifact.name}",
+        )
+
+
+class ArtifactList(BaseModel):
+    artifacts: list[ArtifactOut]
+
+
+class UploadOut(BaseModel):
+    id: str
+    filename: str
+    size: int
+    sha256: str
+    n: int = Field(description="number of points (rows)")
+    d: int = Field(description="dimensions (columns)")
+    dtype: str
+    has_labels: bool
+    created_at: datetime
+
+    @classmethod
+    def from_upload(cls, upload: Upload) -> UploadOut:
+        return cls(
+            id=upload.id,
+            filename=upload.filename,
+            size=upload.size,
+            sha256=upload.sha256,
+            n=upload.num_points,
+            d=upload.dim,
+            dtype=upload.dtype,
+            has_labels=upload.has_labels,
+            created_at=upload.created_at,
+        )
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description="'ok', or why the dependency is not usable")
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorOut(BaseModel):
+    """The shape of every error response."""
+
+    error: ErrorInfo

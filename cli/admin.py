@@ -1,0 +1,87 @@
+"""``ldreg admin``: migrations, teams and API keys, straight against the database.
+
+Plain-text output; where a command creates a key, the key is the **last line**, so
+scripts can take it with ``tail -n 1``. Service modules are imported inside the
+commands, keeping ``ldreg --help`` fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+@contextmanager
+def _session() -> Iterator:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from service.db import session_scope
+    from service.errors import ServiceError
+    from service.settings import get_settings
+
+    try:
+        with session_scope(get_settings().database_url) as session:
+            yield session
+    except ServiceError as exc:
+        raise _fail(exc.message) from None
+    except (OperationalError, ProgrammingError) as exc:
+        raise _fail(
+            f"database not reachable or not migrated ({type(exc.orig).__name__});"
+            " check LDREG_DATABASE_URL and run `ldreg admin migrate`"
+        ) from None
+
+
+def migrate() -> None:
+    """Apply the database migrations (Alembic) up to the latest schema."""
+    from service.db import migrate as apply_migrations
+    from service.db import wait_for_database
+    from service.settings import get_settings
+
+    url = get_settings().database_url
+    wait_for_database(url)
+    apply_migrations(url)
+    typer.echo("database schema is up to date")
+
+
+def create_team(name: str = typer.Argument(..., help="the team's unique name")) -> None:
+    """Create a team; its first API key is the last line printed."""
+    from service import auth
+
+    with _session() as session:
+        team, key = auth.create_team(session=session, name=name)
+        typer.echo(f"created team {team.name!r} (id {team.id})")
+        typer.echo(
+            f"API key (shown once, stored only as a hash; prefix {key[: auth.PREFIX_LENGTH]}):"
+        )
+        typer.echo(key)
+
+
+def create_key(team: str = typer.Argument(..., help="team name or id")) -> None:
+    """Add an API key to a team; the key is the last line printed."""
+    from service import auth
+
+    with _session() as session:
+        found = auth.find_team(session=session, name_or_id=team)
+        if found is None:
+            raise _fail(f"no team {team!r}")
+        key = auth.create_key(session=session, team=found)
+        typer.echo(f"new API key for team {found.name!r} (prefix {key[: auth.PREFIX_LENGTH]}):")
+        typer.echo(key)
+
+
+def revoke_key(
+    key_or_prefix: str = typer.Argument(..., help="the key, or its printed prefix (ldr_xxxxxxxx)"),
+) -> None:
+    """Revoke an API key; requests with it get 401 from then on."""
+    from service import auth
+
+    with _session() as session:
+        key = auth.revoke_key(session=session, key_or_prefix=key_or_prefix)
+        typer.echo(f"revoked key {key.prefix}… (revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC)")

@@ -1,0 +1,444 @@
+"""The API side of jobs: submit, list, read, cancel, retry, metrics, events, artifacts.
+
+Keyword-only functions over a SQLAlchemy session. Every read is scoped to a team: a
+job of another team is simply not found, so the HTTP layer answers 404 and never
+reveals that it exists. The worker side (claim, heartbeat, fenced writes) lives in
+service/execution.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ldreg.spec import SPEC_MODELS, DatasetSpec, DiagnoseSpec, JobSource, PretrainSpec
+from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
+from service.models import (
+    ACTIVE_STATES,
+    FINISHED_STATES,
+    Artifact,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobState,
+    Metric,
+    Team,
+    Upload,
+    utcnow,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 200
+
+
+def _validation_details(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
+    details = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        details.append({"field": loc, "message": msg})
+    return details
+
+
+def validate_spec(kind: str, spec: BaseModel | dict[str, Any]) -> PretrainSpec | DiagnoseSpec:
+    """The spec as its pydantic model (the one definition shared with the worker)."""
+    model = SPEC_MODELS.get(kind)
+    if model is None:
+        raise InvalidInput(
+            f"unknown job kind {kind!r}; expected one of {sorted(SPEC_MODELS)}", field="kind"
+        )
+    if isinstance(spec, model):
+        return spec  # type: ignore[return-value]
+    try:
+        raw = spec.model_dump() if isinstance(spec, BaseModel) else spec
+        return model.model_validate(raw)  # type: ignore[return-value]
+    except ValidationError as exc:
+        details = _validation_details(exc, "spec")
+        first = details[0]
+        raise InvalidInput(first["message"], field=first["field"], details=details) from None
+
+
+def _check_dataset_path(settings: Settings, dataset: DatasetSpec, field: str) -> None:
+    """Resolve a dataset path under the data root, following symlinks, and refuse an
+    escape. ``ldreg.spec`` already refuses '..' and absolute paths; this also catches
+    a symlink inside the root that points out of it."""
+    if dataset.path is None:
+        return
+    root = Path(settings.data_root).resolve()
+    resolved = (root / dataset.path).resolve()
+    if not resolved.is_relative_to(root):
+        raise InvalidInput("path must stay inside the server's data root", field=field)
+
+
+def _check_limits_and_scope(
+    *, session: Session, settings: Settings, team: Team, spec: PretrainSpec | DiagnoseSpec
+) -> None:
+    if isinstance(spec, PretrainSpec):
+        if spec.epochs > settings.max_epochs:
+            raise InvalidInput(
+                f"epochs ({spec.epochs}) is over this server's limit of {settings.max_epochs}",
+                field="spec.epochs",
+                code="limit_exceeded",
+            )
+        _check_dataset_path(settings, spec.dataset, "spec.dataset.path")
+        return
+
+    source = spec.source
+    if isinstance(source, JobSource):
+        _check_dataset_path(settings, source.dataset, "spec.source.dataset.path")
+        src = get_job(session=session, team=team, job_id=source.job_id)
+        if src is None or src.kind != "pretrain":
+            raise InvalidInput(
+                "no pretrain job with this id in your team", field="spec.source.job_id"
+            )
+        if src.state != JobState.SUCCEEDED:
+            raise InvalidInput(
+                f"job {src.id} is {src.state}; diagnose needs a succeeded pretrain job",
+                field="spec.source.job_id",
+            )
+        return
+
+    upload = session.scalars(
+        select(Upload).where(Upload.id == source.upload_id, Upload.team_id == team.id)
+    ).first()
+    if upload is None:
+        raise InvalidInput("no upload with this id in your team", field="spec.source.upload_id")
+    # LID needs k neighbours besides the point itself.
+    too_big = [k for k in spec.k if k >= upload.num_points]
+    if too_big:
+        raise InvalidInput(
+            f"k={max(too_big)} needs more than {max(too_big)} points,"
+            f" but upload {upload.id} has {upload.num_points}",
+            field="spec.k",
+        )
+
+
+def _request_sha256(kind: str, name: str | None, spec: dict[str, Any]) -> str:
+    # Hash the normalised request, so key order and spelled-out defaults do not matter.
+    canonical = json.dumps({"kind": kind, "name": name, "spec": spec}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(
+    *, session: Session, team: Team, idempotency_key: str, request_sha256: str
+) -> Job | None:
+    """The job an earlier request with this key created, if the request is the same."""
+    row = session.get(IdempotencyKey, (team.id, idempotency_key))
+    if row is None:
+        return None
+    if row.request_sha256 != request_sha256:
+        raise InvalidInput(
+            "this Idempotency-Key was already used with a different request;"
+            " use a new key for a new job",
+            field="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return session.get(Job, row.job_id)
+
+
+def create_job(
+    *,
+    session: Session,
+    settings: Settings,
+    team: Team,
+    kind: str,
+    spec: BaseModel | dict[str, Any],
+    name: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate and store a queued job; returns ``(job, created)``.
+
+    ``created`` is False when ``idempotency_key`` replays an earlier identical request.
+    The caller publishes the job to the broker *after* this commits (see
+    :func:`publish_job`), so a worker never receives an id the database does not have.
+    """
+    model = validate_spec(kind, spec)
+    normalised = model.model_dump(mode="json")
+    request_sha256 = _request_sha256(kind, name, normalised)
+
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise InvalidInput(
+                "Idempotency-Key must be 1 to 200 characters", field="Idempotency-Key"
+            )
+        earlier = _replay(
+            session=session,
+            team=team,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
+        )
+        if earlier is not None:
+            return earlier, False
+
+    _check_limits_and_scope(session=session, settings=settings, team=team, spec=model)
+
+    # Lock the team's row so two concurrent submissions cannot both pass the count.
+    session.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.team_id == team.id, Job.state.in_([s.value for s in ACTIVE_STATES]))
+    )
+    if active >= settings.max_active_jobs_per_team:
+        session.rollback()
+        raise LimitExceeded(
+            f"your team has {active} queued or running jobs, the limit is"
+            f" {settings.max_active_jobs_per_team}; wait for one to finish or cancel one"
+        )
+
+    job = Job(
+        team_id=team.id,
+        kind=kind,
+        name=name,
+        spec=normalised,
+        queue=settings.default_queue,
+        attempt=0,
+        max_attempts=settings.max_attempts,
+        progress_epoch=0,
+        progress_epochs=model.epochs if isinstance(model, PretrainSpec) else 0,
+        # Set with the commit that makes it queued (service/queue.py's contract): the
+        # sweeper re-publishes a queued job whose message is older than it should be.
+        enqueued_at=utcnow(),
+    )
+    job.transition(JobState.QUEUED, "submitted")
+    session.add(job)
+    if idempotency_key is not None:
+        session.flush()
+        session.add(
+            IdempotencyKey(
+                team_id=team.id, key=idempotency_key, request_sha256=request_sha256, job_id=job.id
+            )
+        )
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the race: answer as its replay.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        earlier = _replay(
+            session=session,
+            team=team,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
+        )
+        if earlier is None:
+            raise
+        return earlier, False
+    return job, True
+
+
+def publish_job(*, settings: Settings, job: Job) -> bool:
+    """Send the job's id to the broker. A failure is logged, not raised: the job is
+    committed as queued and the sweeper re-publishes queued jobs that were never
+    picked up, so the client still gets its job."""
+    # Imported here: Celery is heavy and only needed once a job is submitted.
+    from service.queue import enqueue_job
+
+    try:
+        enqueue_job(settings, job.id, job.queue)
+    except Exception:
+        log.warning("could not publish job %s; the sweeper will re-send it", job.id, exc_info=True)
+        return False
+    return True
+
+
+def get_job(*, session: Session, team: Team, job_id: str, for_update: bool = False) -> Job | None:
+    """The team's job with this id, or None (also for another team's job)."""
+    query = select(Job).where(Job.id == job_id, Job.team_id == team.id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).first()
+
+
+def _require_job(*, session: Session, team: Team, job_id: str, for_update: bool = False) -> Job:
+    job = get_job(session=session, team=team, job_id=job_id, for_update=for_update)
+    if job is None:
+        raise NotFound(f"no job {job_id} in your team", field="id")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        created = datetime.fromisoformat(created_at)
+        if created.tzinfo is None or not isinstance(job_id, str):
+            raise ValueError
+        return created, job_id
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise InvalidInput(
+            "invalid cursor; pass the next_cursor of a previous page", field="cursor"
+        ) from None
+
+
+@dataclass
+class JobPage:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def list_jobs(
+    *,
+    session: Session,
+    team: Team,
+    states: list[str] | None = None,
+    kind: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> JobPage:
+    """The team's jobs newest first, a page at a time.
+
+    The cursor is the (created_at, id) of the last job of the previous page, so pages
+    never repeat or skip a job even while new jobs arrive (keyset pagination on the
+    ``ix_jobs_team_created`` index)."""
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    query = select(Job).where(Job.team_id == team.id)
+    if states:
+        query = query.where(Job.state.in_(states))
+    if kind:
+        query = query.where(Job.kind == kind)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    rows = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JobPage(jobs=rows, next_cursor=_encode_cursor(rows[-1]) if more else None)
+
+
+def downsample_indices(n: int, max_points: int) -> list[int]:
+    """At most ``max_points`` evenly spread indices of ``range(n)``, first and last kept."""
+    if n <= max_points:
+        return list(range(n))
+    if max_points == 1:
+        return [n - 1]
+    # Spacing (n-1)/(m-1) > 1, so rounding never maps two points to one index.
+    return [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+
+
+def list_metrics(
+    *,
+    session: Session,
+    team: Team,
+    job_id: str,
+    names: list[str] | None = None,
+    since: int | None = None,
+    max_points: int | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per-series points ordered by step: only steps after ``since`` (for pollers that
+    pass the last step they have), each series thinned to ``max_points``."""
+    job = _require_job(session=session, team=team, job_id=job_id)
+    query = select(Metric.name, Metric.epoch, Metric.step, Metric.value).where(
+        Metric.job_id == job.id
+    )
+    if names:
+        query = query.where(Metric.name.in_(names))
+    if since is not None:
+        query = query.where(Metric.step > since)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for name, epoch, step, value in session.execute(query.order_by(Metric.name, Metric.step)):
+        series.setdefault(name, []).append({"epoch": epoch, "step": step, "value": value})
+    if max_points is not None:
+        for name, points in series.items():
+            series[name] = [points[i] for i in downsample_indices(len(points), max_points)]
+    return series
+
+
+def list_events(*, session: Session, team: Team, job_id: str) -> list[JobEvent]:
+    job = _require_job(session=session, team=team, job_id=job_id)
+    return list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
+    )
+
+
+def request_cancel(*, session: Session, team: Team, job_id: str) -> Job:
+    """Cancel a job: a queued one at once; a running one cooperatively (the worker
+    sees ``cancel_requested`` within a few steps and ends it ``cancelled``)."""
+    # The row lock orders us against a worker's claim (a conditional UPDATE on state).
+    job = _require_job(session=session, team=team, job_id=job_id, for_update=True)
+    state = JobState(job.state)
+    if state in FINISHED_STATES:
+        session.rollback()
+        raise Conflict(f"job {job.id} already {state.value}; nothing to cancel", field="state")
+    job.cancel_requested = True
+    if state == JobState.QUEUED:
+        job.transition(JobState.CANCELLED, "cancelled by user before it started")
+    elif state == JobState.RUNNING:
+        job.transition(JobState.CANCELLING, "cancel requested by user")
+    session.commit()
+    return job
+
+
+def retry_job(*, session: Session, settings: Settings, team: Team, job_id: str) -> Job:
+    """Queue a failed or cancelled job again; the worker resumes it from its last
+    checkpoint. The attempt counter and the events keep the earlier history; the job
+    gets a fresh budget of automatic attempts."""
+    job = _require_job(session=session, team=team, job_id=job_id, for_update=True)
+    state = JobState(job.state)
+    if state not in (JobState.FAILED, JobState.CANCELLED):
+        session.rollback()
+        raise Conflict(
+            f"job {job.id} is {state.value}; only failed or cancelled jobs can be retried",
+            field="state",
+        )
+    job.transition(JobState.QUEUED, f"retried by user after {state.value}")
+    job.cancel_requested = False
+    job.error_code = None
+    job.error_message = None
+    job.finished_at = None
+    job.worker = None
+    job.heartbeat_at = None
+    job.max_attempts = job.attempt + settings.max_attempts
+    job.enqueued_at = utcnow()
+    session.commit()
+    return job
+
+
+def list_artifacts(*, session: Session, team: Team, job_id: str) -> list[Artifact]:
+    job = _require_job(session=session, team=team, job_id=job_id)
+    return list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))
+    )
+
+
+def get_artifact(
+    *, session: Session, settings: Settings, team: Team, job_id: str, name: str
+) -> tuple[Artifact, Path]:
+    """An artifact and its file, which must lie inside the job's folder."""
+    job = _require_job(session=session, team=team, job_id=job_id)
+    artifact = session.scalars(
+        select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name)
+    ).first()
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no artifact {name!r}", field="name")
+    job_dir = settings.job_dir(job.id).resolve()
+    stored = Path(artifact.path)
+    path = (stored if stored.is_absolute() else job_dir / stored).resolve()
+    # Names and stored paths never lead out of the job's folder, even through symlinks.
+    if not path.is_relative_to(job_dir) or not path.is_file():
+        raise NotFound(f"artifact {name!r} of job {job.id} is not available", field="name")
+    return artifact, path
