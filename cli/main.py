@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from cli import admin, client, local
+from cli import service as service_cmds
 
 app = typer.Typer(
     name="ldreg",
@@ -23,6 +24,11 @@ admin_app.command("migrate")(admin.migrate)
 admin_app.command("create-team")(admin.create_team)
 admin_app.command("create-key")(admin.create_key)
 admin_app.command("revoke-key")(admin.revoke_key)
+
+# The service: API and worker together, or alone.
+app.command("serve")(service_cmds.serve)
+app.command("api")(service_cmds.api)
+app.command("worker")(service_cmds.worker)
 
 # Local work, no service.
 app.command("pretrain")(local.pretrain)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -48,6 +48,15 @@ class MetricRow:
     epoch: int
     step: int
     value: float
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    name: str  # relative to the job's directory, e.g. "checkpoints/epoch_0003.pt"
+    path: str
+    size: int
+    sha256: str | None = None
+    media_type: str = "application/octet-stream"
 
 
 @dataclass
@@ -231,15 +240,24 @@ def add_artifact(
     """Register (or update) a file the job produced, fenced. False if not ours."""
     if not _lock(session, _fence(job_id, attempt)):
         return False
+    _upsert_artifact(
+        session,
+        job_id,
+        ArtifactFile(name=name, path=path, size=size, sha256=sha256, media_type=media_type),
+    )
+    return True
+
+
+def _upsert_artifact(session: Session, job_id: str, f: ArtifactFile) -> None:
     insert = _insert_for(session)
     stmt = insert(Artifact).values(
         id=new_id(),
         job_id=job_id,
-        name=name,
-        path=path,
-        size=size,
-        sha256=sha256,
-        media_type=media_type,
+        name=f.name,
+        path=f.path,
+        size=f.size,
+        sha256=f.sha256,
+        media_type=f.media_type,
         created_at=utcnow(),
     )
     stmt = stmt.on_conflict_do_update(
@@ -253,6 +271,23 @@ def add_artifact(
         },
     )
     session.execute(stmt)
+
+
+def sync_artifacts(
+    *, session: Session, job_id: str, attempt: int, files: Sequence[ArtifactFile]
+) -> bool:
+    """Make the job's artifact list exactly ``files`` (upserted by name; rows for files
+    that are gone, e.g. rotated-out checkpoints, removed), fenced. False if not ours."""
+    if not _lock(session, _fence(job_id, attempt)):
+        return False
+    names = [f.name for f in files]
+    session.execute(
+        delete(Artifact)
+        .where(Artifact.job_id == job_id, Artifact.name.not_in(names))
+        .execution_options(synchronize_session=False)
+    )
+    for f in files:
+        _upsert_artifact(session, job_id, f)
     return True
 
 
@@ -342,6 +377,28 @@ def requeue_for_retry(
     state, _ = _retry_or_fail(jobs[0], now=now, cause=cause, code=code)
     session.flush()
     return state
+
+
+def release_job(
+    *, session: Session, job_id: str, attempt: int, reason: str, now: datetime | None = None
+) -> JobState | None:
+    """Hand a job back to the queue because this worker is shutting down (SIGTERM),
+    not because the job failed: the attempt does not count against ``max_attempts``.
+    Returns the new state (QUEUED, or CANCELLED if that was requested meanwhile), or
+    None if this attempt no longer owns the job. The caller publishes after commit."""
+    now = now or utcnow()
+    jobs = _lock(session, _fence(job_id, attempt))
+    if not jobs:
+        return None
+    job = jobs[0]
+    if job.cancel_requested:
+        job.transition(JobState.CANCELLED, f"cancelled by request ({reason})", at=now)
+        return JobState.CANCELLED
+    job.max_attempts += 1
+    job.enqueued_at = now
+    job.transition(JobState.QUEUED, f"{reason}; will resume from the last checkpoint", at=now)
+    session.flush()
+    return JobState.QUEUED
 
 
 def sweep(

@@ -1,0 +1,286 @@
+"""Service commands: ``ldreg serve``, ``ldreg api``, ``ldreg worker``.
+
+Nothing here imports torch: ``api`` and ``worker`` must start without it (the worker's
+parent forks a child per job, and CUDA cannot survive a fork).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import typer
+
+log = logging.getLogger("ldreg.cli")
+
+DEMO_TEAM = "demo"
+# Small enough to finish in a minute or two on a laptop CPU, big enough to show every
+# metric move: LDReg switches on after one warm-up epoch.
+DEMO_SPEC = {
+    "method": "simclr",
+    "backbone": "resnet18",
+    "width": 16,
+    "dataset": {"name": "digits", "image_size": 16},
+    "epochs": 5,
+    "batch_size": 128,
+    "optimizer": {"name": "lars", "lr": 0.3, "weight_decay": 1e-6},
+    "ldreg": {"alpha": 0.01, "k": 32, "estimator": "mom", "target": "features", "warmup_epochs": 1},
+    "eval": {"lid_k": [32, 512]},
+    "seed": 0,
+}
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+
+
+def _schema_at_head(url: str) -> bool:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from service.db import alembic_config, engine_for
+
+    heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
+    with engine_for(url).connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    return current == heads
+
+
+def _ensure_schema(url: str, *, timeout: float) -> None:
+    """SQLite (one machine): migrate. PostgreSQL: wait for the migration job (compose's
+    ``migrate`` service, or ``ldreg admin migrate``) instead of racing it."""
+    from service.db import migrate
+
+    if url.startswith("sqlite"):
+        migrate(url)
+        return
+    deadline = time.monotonic() + timeout
+    while not _schema_at_head(url):
+        if time.monotonic() > deadline:
+            typer.echo(
+                "the database schema is not at the latest migration; run `ldreg admin migrate`",
+                err=True,
+            )
+            raise typer.Exit(code=2)
+        time.sleep(1.0)
+
+
+def _release_database_connections(url: str) -> None:
+    """Close pooled connections before forking, so no child shares a socket."""
+    from service.db import engine_for, session_factory
+
+    engine_for(url).dispose()
+    engine_for.cache_clear()
+    session_factory.cache_clear()
+
+
+def api(
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+) -> None:
+    """Run the HTTP API alone (applies database migrations first)."""
+    import uvicorn
+
+    from service.db import migrate, wait_for_database
+    from service.settings import get_settings
+
+    _setup_logging()
+    settings = get_settings()
+    wait_for_database(settings.database_url, timeout=60)
+    migrate(settings.database_url)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=True,
+        log_level="info",
+    )
+
+
+def worker(
+    queues: str = typer.Option("cpu", "--queues", "-Q", help="comma-separated: cpu, gpu"),
+    concurrency: int = typer.Option(
+        1, "--concurrency", "-c", min=1, help="jobs at once (GPU: one worker per GPU, 1)"
+    ),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    sweeper: bool = typer.Option(
+        True, "--sweeper/--no-sweeper", help="also run the stale-job sweeper"
+    ),
+) -> None:
+    """Run one Celery worker (prefork, one fresh child per job) and its sweeper."""
+    from service.db import wait_for_database
+    from service.queue import QUEUES
+    from service.settings import get_settings
+
+    _setup_logging(loglevel)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(names) - set(QUEUES))
+    if not names or unknown:
+        raise typer.BadParameter(f"queues must be among {', '.join(QUEUES)}", param_hint="--queues")
+    settings = get_settings()
+    wait_for_database(settings.database_url, timeout=60)
+    _ensure_schema(settings.database_url, timeout=120)
+    _release_database_connections(settings.database_url)
+    if "torch" in sys.modules:  # pragma: no cover - a programming error, not a runtime one
+        raise RuntimeError("the worker's parent process must not import torch")
+
+    from worker import sweeper as sweeper_mod
+    from worker.celery_app import app
+
+    sweeper_proc = sweeper_mod.start_process() if sweeper else None
+    argv = [
+        "worker",
+        f"--queues={','.join(names)}",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--loglevel={loglevel.upper()}",
+        f"--hostname=ldreg-{'-'.join(names)}-{os.getpid()}@%h",
+        # Worker-to-worker chatter we do not use; mingle also delays startup.
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        if sweeper_proc is not None:
+            sweeper_proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                sweeper_proc.wait(10)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    # Own session: the terminal's Ctrl-C reaches only `serve`, which then stops each
+    # child's whole group in order (the worker hands its running job back first).
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        start_new_session=True,
+    )
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the API process exited during startup")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the API at {base} did not become healthy in {timeout:.0f}s")
+
+
+def _demo_key(url: str) -> str:
+    """The demo team's key: the team is created once; each run adds a fresh key (only
+    hashes are stored, so an earlier key cannot be shown again)."""
+    from service.auth import create_key, create_team, find_team
+    from service.db import session_scope
+
+    with session_scope(url) as s:
+        team = find_team(session=s, name_or_id=DEMO_TEAM)
+        if team is not None:
+            return create_key(session=s, team=team)
+        _, key = create_team(session=s, name=DEMO_TEAM)
+        return key
+
+
+def _submit_demo(base: str, key: str) -> str:
+    import httpx
+
+    r = httpx.post(
+        f"{base}/v1/jobs",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"kind": "pretrain", "name": "demo: SimCLR + LDReg on digits", "spec": DEMO_SPEC},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="interface for the API"),
+    port: int = typer.Option(8000, "--port", help="TCP port for the API"),
+    demo: bool = typer.Option(
+        False, "--demo", help="seed a demo team, print its key and submit a small LDReg job"
+    ),
+) -> None:
+    """Run the API and one worker together (the embedded default unless LDREG_* say
+    otherwise) until Ctrl-C."""
+    from service.db import migrate, wait_for_database
+    from service.settings import get_settings
+
+    _setup_logging()
+    settings = get_settings()
+    wait_for_database(settings.database_url, timeout=60)
+    migrate(settings.database_url)
+    _release_database_connections(settings.database_url)
+
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    try:
+        procs.append(_spawn(["api", "--host", host, "--port", str(port)]))
+        # One worker for both queues: on this machine it runs whatever is submitted.
+        procs.append(_spawn(["worker", "--queues", "cpu,gpu"]))
+        _wait_healthy(base, procs[0])
+        typer.echo(f"\nLDReg service: API on {base} (docs: {base}/docs)")
+        typer.echo(f"database: {settings.database_url}\nbroker:   {settings.broker_url}")
+        if demo:
+            key = _demo_key(settings.database_url)
+            job_id = _submit_demo(base, key)
+            typer.echo(
+                f"\ndemo team '{DEMO_TEAM}' API key:\n  {key}\n"
+                f"\nsubmitted a small SimCLR + LDReg pretraining job on digits:\n"
+                f"  {base}/v1/jobs/{job_id}\n"
+                f"\npoll it with:\n"
+                f"  curl -H 'Authorization: Bearer {key}' {base}/v1/jobs/{job_id}\n"
+                f"  curl -H 'Authorization: Bearer {key}' {base}/v1/jobs/{job_id}/metrics\n"
+                f"or: LDREG_URL={base} LDREG_API_KEY={key} ldreg watch {job_id}\n"
+            )
+        typer.echo("serving; press Ctrl-C to stop")
+        while not stopping:
+            for p in procs:
+                if p.poll() is not None:
+                    typer.echo(
+                        f"a service process exited (code {p.returncode}); stopping", err=True
+                    )
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        typer.echo("stopping (a running job is handed back to the queue)...")
+        _stop(procs)

@@ -1,0 +1,333 @@
+"""Run one job in this (freshly forked) worker process: claim, heartbeat, train, finish.
+
+The Celery task is a thin wrapper around :func:`run_job`. Everything that decides a
+job's fate lives here, and every database write goes through ``service.execution``,
+fenced by the attempt this process claimed:
+
+* claim (one conditional UPDATE); not claimable → a duplicate or stale message: return;
+* a heartbeat thread renews the lease and picks up ``cancel_requested``; if the fence
+  is lost (the sweeper gave the job to another attempt) or the lease expires, training
+  stops at its next poll and this process writes nothing more (zombie protection);
+* ``kind`` decides what runs; the outcome is classified:
+  success → artifacts + ``succeeded`` with the summary;
+  ``UserError`` (bad spec or data, NaN loss) → ``failed`` with its code, no retry;
+  cancelled → ``cancelled``; SIGTERM (worker shutting down) → handed back to the queue;
+  anything else (out of memory, a lost device, a bug) → infrastructure: queued again
+  to resume from the last checkpoint while attempts remain, then ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ldreg.errors import TrainingCancelled, UserError
+from ldreg.spec import PretrainSpec
+from service.db import session_scope
+from service.execution import (
+    ArtifactFile,
+    claim_job,
+    finish_job,
+    release_job,
+    requeue_for_retry,
+    sync_artifacts,
+)
+from service.models import Job, JobState
+from service.queue import enqueue_job
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = {
+    ".json": "application/json",
+    ".csv": "text/csv",
+    ".log": "text/plain",
+    ".txt": "text/plain",
+    ".npy": "application/x-npy",
+    ".npz": "application/x-npz",
+    ".png": "image/png",
+}
+
+
+class JobNotImplemented(UserError):
+    """A job kind this worker cannot run yet."""
+
+    code = "not_implemented"
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def assert_fresh_process() -> None:
+    """CUDA must never be initialised in a process that forks. The worker's parent
+    never imports torch, and every job runs in a fresh child; if torch is already
+    loaded here, something imported it in the parent before the fork."""
+    if "torch" in sys.modules and os.environ.get("LDREG_ALLOW_TORCH_IN_PARENT") != "1":
+        raise RuntimeError(
+            "torch was imported before this worker process was forked; the worker's"
+            " parent must not import torch (CUDA cannot survive a fork)"
+        )
+
+
+def run_job(job_id: str, settings: Settings, *, worker_name: str | None = None) -> str:
+    """Run ``job_id`` if it is ours to run; returns what happened (for logs and tests):
+    ``skipped``, ``succeeded``, ``failed``, ``cancelled``, ``queued`` or ``lost``."""
+    from worker.sink import DatabaseSink, HeartbeatThread, Lease
+
+    worker_name = worker_name or default_worker_name()
+    url = settings.database_url
+    with session_scope(url) as s:
+        attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
+        job = s.get(Job, job_id) if attempt is not None else None
+        kind, spec_data = (job.kind, dict(job.spec)) if job is not None else (None, None)
+    if attempt is None:
+        log.info(
+            "job %s not claimable (a duplicate message, or already running, finished or"
+            " cancelled): nothing to do",
+            job_id,
+        )
+        return "skipped"
+    log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
+
+    lease = Lease(settings, job_id, attempt)
+    beat = HeartbeatThread(lease)
+    beat.start()
+    sink = DatabaseSink(lease)
+    run_dir = settings.job_dir(job_id)
+    try:
+        with _sigterm_stops(lease), _job_log(run_dir, attempt):
+            summary = _execute(kind, spec_data, settings, run_dir, sink)
+    except TrainingCancelled as exc:
+        return _stopped(lease, run_dir, str(exc))
+    except (UserError, ValidationError) as exc:
+        code, message = _user_error(exc)
+        log.info("job %s failed: %s: %s", job_id, code, message)
+        return _finish(lease, run_dir, JobState.FAILED, error=(code, message))
+    except Exception as exc:
+        return _infrastructure_failure(lease, exc)
+    finally:
+        beat.stop()
+    if lease.lost.is_set():
+        return "lost"
+    return _finish(lease, run_dir, JobState.SUCCEEDED, summary=_json_safe(summary))
+
+
+def _execute(
+    kind: str, spec_data: dict[str, Any], settings: Settings, run_dir: Path, sink: Any
+) -> dict[str, Any]:
+    if kind == "pretrain":
+        spec = PretrainSpec.model_validate(spec_data)
+        assert_fresh_process()
+        # Imported here, in the child, never in the forking parent (see above).
+        from ldreg.train import pretrain
+
+        return pretrain(spec, run_dir=run_dir, data_root=settings.data_root, sink=sink, resume=True)
+    if kind == "diagnose":
+        # Diagnose jobs arrive with a later issue; until then they fail clearly
+        # instead of being retried.
+        raise JobNotImplemented(
+            "diagnose jobs are not supported by this worker yet; submit a pretrain job"
+        )
+    raise JobNotImplemented(f"unknown job kind {kind!r}")
+
+
+def _user_error(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return "invalid_spec", f"spec.{where}: {first.get('msg', str(exc))}"
+    return exc.code, exc.message  # type: ignore[attr-defined]
+
+
+def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
+    """Training stopped at our request; finish according to why."""
+    if lease.lost.is_set():
+        log.warning(
+            "job %s attempt %d: lost the lease, wrote nothing more", lease.job_id, lease.attempt
+        )
+        return "lost"
+    if lease.cancel_requested.is_set():
+        return _finish(
+            lease, run_dir, JobState.CANCELLED, reason=f"cancelled by request ({detail})"
+        )
+    url = lease.settings.database_url
+    if lease.shutdown_requested.is_set():
+        with session_scope(url) as s:
+            state = release_job(
+                session=s,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                reason="worker shutting down (SIGTERM); handed back to the queue",
+            )
+        return _after_requeue(lease, state)
+    # The lease expired: the database was unreachable for too long. If it is back, hand
+    # the job back now; if not, the sweeper will once the heartbeat is found stale.
+    try:
+        with session_scope(url) as s:
+            state = requeue_for_retry(
+                session=s,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                cause="worker lost contact with the database",
+                code="worker_lost",
+            )
+    except Exception:
+        log.warning("job %s: cannot reach the database; the sweeper will recover it", lease.job_id)
+        return "lost"
+    return _after_requeue(lease, state)
+
+
+def _infrastructure_failure(lease: Any, exc: BaseException) -> str:
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        code = "out_of_memory"
+        cause = (
+            f"out of memory ({type(exc).__name__}); reduce batch_size, image_size or the"
+            " backbone if it keeps happening"
+        )
+    else:
+        code = "worker_error"
+        cause = f"unexpected error: {type(exc).__name__}: {exc}"
+    log.exception("job %s attempt %d: %s", lease.job_id, lease.attempt, cause)
+    if lease.lost.is_set():
+        return "lost"
+    try:
+        with session_scope(lease.settings.database_url) as s:
+            state = requeue_for_retry(
+                session=s, job_id=lease.job_id, attempt=lease.attempt, cause=cause[:2000], code=code
+            )
+    except Exception:
+        log.exception("job %s: could not record the failure; the sweeper will", lease.job_id)
+        return "lost"
+    return _after_requeue(lease, state)
+
+
+def _after_requeue(lease: Any, state: JobState | None) -> str:
+    if state is None:
+        return "lost"
+    if state is JobState.QUEUED:
+        with session_scope(lease.settings.database_url) as s:
+            queue = s.get(Job, lease.job_id).queue
+        try:
+            enqueue_job(lease.settings, lease.job_id, queue)
+        except Exception:
+            log.warning("job %s: re-publish failed; the sweeper will re-send it", lease.job_id)
+    return state.value
+
+
+def _finish(
+    lease: Any,
+    run_dir: Path,
+    state: JobState,
+    *,
+    summary: dict[str, Any] | None = None,
+    error: tuple[str, str] | None = None,
+    reason: str | None = None,
+) -> str:
+    files = list(_artifact_files(run_dir))
+    with session_scope(lease.settings.database_url) as s:
+        # Artifacts and the final state in one transaction: a finished job always
+        # lists the files it left.
+        owned = sync_artifacts(
+            session=s, job_id=lease.job_id, attempt=lease.attempt, files=files
+        ) and finish_job(
+            session=s,
+            job_id=lease.job_id,
+            attempt=lease.attempt,
+            state=state,
+            summary=summary,
+            error=error,
+            reason=reason,
+        )
+        if not owned:
+            s.rollback()
+    if not owned:
+        log.warning("job %s attempt %d: not ours any more at finish", lease.job_id, lease.attempt)
+        return "lost"
+    log.info("job %s attempt %d: %s", lease.job_id, lease.attempt, state.value)
+    return state.value
+
+
+def _artifact_files(run_dir: Path) -> Iterator[ArtifactFile]:
+    """Every finished file the job left (checkpoints, backbone, reports), not the
+    temporary files of an interrupted write nor checksum sidecars."""
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix in (".tmp", ".sha256"):
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+        yield ArtifactFile(
+            name=rel.as_posix(),
+            path=str(path),
+            size=path.stat().st_size,
+            sha256=digest.hexdigest(),
+            media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    """The summary goes into a JSON column and out over HTTP: finite numbers only."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return None
+    return int(value) if isinstance(value, int) else number
+
+
+@contextlib.contextmanager
+def _sigterm_stops(lease: Any) -> Iterator[None]:
+    """While a job runs, SIGTERM (docker stop, a rolling deploy) stops training at the
+    next poll and hands the job back, instead of killing the process mid-step."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: lease.shutdown_requested.set())
+    except ValueError:  # not the main thread (e.g. a thread pool): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _job_log(run_dir: Path, attempt: int) -> Iterator[None]:
+    """Also write this attempt's log lines to ``run_dir/worker.log`` (an artifact)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "worker.log")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s attempt={attempt} %(levelname)s %(name)s: %(message)s")
+    )
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

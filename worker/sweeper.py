@@ -1,0 +1,122 @@
+"""The sweeper: recovers jobs of dead workers and lost broker messages.
+
+Every ``ldreg worker`` starts one next to its Celery main process. It runs
+``service.execution.sweep`` every ``sweep_interval_seconds`` and publishes what the
+sweep queued. Many sweepers at once are safe: each change is a conditional UPDATE
+under the row's lock, so a job is re-queued (and re-published) by one of them.
+
+It runs as its own small process (``python -m worker.sweeper``), not as a thread in
+the Celery parent: the parent forks a child for every job, and forking while another
+thread holds a lock (the connection pool's, a logging handler's) can leave the child
+deadlocked. The process imports neither torch nor the worker's task code, and exits
+when the worker that started it goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+from service.db import session_scope
+from service.execution import sweep
+from service.models import utcnow
+from service.queue import enqueue_job
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("ldreg.sweeper")
+
+
+def sweep_once(settings: Settings) -> dict[str, int]:
+    """One sweep + the publishes it calls for; returns counts (for logs and tests)."""
+    with session_scope(settings.database_url) as s:
+        result = sweep(
+            session=s,
+            now=utcnow(),
+            stale_after=timedelta(seconds=settings.stale_after_seconds),
+            requeue_after=timedelta(seconds=settings.requeue_after_seconds),
+        )
+    # Published after the commit: a worker must find the job queued when the message
+    # arrives. A failed publish is retried by a later sweep (enqueued_at is old again
+    # after requeue_after_seconds).
+    for job_id, queue in result.to_publish:
+        try:
+            enqueue_job(settings, job_id, queue)
+        except Exception:
+            log.warning("could not publish job %s; will retry later", job_id, exc_info=True)
+    for job_id, _ in result.requeued:
+        log.warning("job %s: worker lost (stale heartbeat), re-queued to resume", job_id)
+    for job_id in result.failed:
+        log.warning("job %s: worker lost and no attempts left, failed", job_id)
+    for job_id, _ in result.republish:
+        log.info("job %s: queued for long, message re-published", job_id)
+    return {
+        "requeued": len(result.requeued),
+        "failed": len(result.failed),
+        "cancelled": len(result.cancelled),
+        "republished": len(result.republish),
+    }
+
+
+def run_forever(settings: Settings, stop: threading.Event, parent_pid: int | None = None) -> None:
+    while not stop.is_set():
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.info("worker process %d is gone; sweeper exits", parent_pid)
+            return
+        try:
+            sweep_once(settings)
+        except Exception:
+            log.warning("sweep failed (database or broker unreachable?)", exc_info=True)
+        stop.wait(settings.sweep_interval_seconds)
+
+
+def start_process(env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the sweeper as a child of this process (same process group, so a signal
+    to the worker's group reaches it too)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.sweeper", "--parent", str(os.getpid())],
+        env=env,
+    )
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the getppid() check in the loop does the same, more slowly
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parent = int(argv[argv.index("--parent") + 1]) if "--parent" in argv else None
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    if parent is not None:
+        _die_with_parent()
+        if os.getppid() != parent:
+            return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    settings = get_settings()
+    log.info(
+        "sweeper started: every %.1fs, stale after %.1fs, re-publish after %.0fs",
+        settings.sweep_interval_seconds,
+        settings.stale_after_seconds,
+        settings.requeue_after_seconds,
+    )
+    run_forever(settings, stop, parent)
+    assert "torch" not in sys.modules, "the sweeper must not import torch"
+
+
+if __name__ == "__main__":
+    main()
