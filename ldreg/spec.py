@@ -210,6 +210,12 @@ class ReferenceSpec(_Spec):
         default=None, description="sample mode: number of reference points"
     )
 
+    @model_validator(mode="after")
+    def _size_for_sample(self) -> ReferenceSpec:
+        if self.mode == "sample" and self.size is None:
+            raise ValueError("reference mode 'sample' needs 'size' (number of reference points)")
+        return self
+
 
 class DiagnoseSpec(_Spec):
     source: UploadSource | JobSource
@@ -217,6 +223,11 @@ class DiagnoseSpec(_Spec):
     estimators: list[Literal["mle", "mom", "tle"]] = Field(default_factory=lambda: ["mle", "mom"])
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
     seed: int = 0
+    collapse_threshold: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
+        default=1.0,
+        description="local-collapse alarm: a point is flagged when its LID is more than this"
+        " many Fisher-Rao units (|ln a - ln b|) below the geometric mean; 1 = LID < gmean/e",
+    )
 
     @field_validator("k", "estimators")
     @classmethod
