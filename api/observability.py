@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,12 +92,12 @@ class RequestMetricsMiddleware:
 class ServiceStateCollector(Collector):
     """Gauges read from the database and the broker when Prometheus scrapes."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Callable[[], Settings]) -> None:
         self._settings = settings
 
     @property
     def settings(self) -> Settings:
-        return self._settings or get_settings()
+        return self._settings()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         db_up = GaugeMetricFamily("ldreg_database_up", "1 if the database answered this scrape")
@@ -242,7 +242,7 @@ def _queue_depths(settings: Settings) -> dict[str, int]:
     return {}
 
 
-def install_observability(app: FastAPI, settings: Settings | None = None) -> None:
+def install_observability(app: FastAPI) -> None:
     """Add the request-metrics middleware and the ``/metrics`` route to ``app``.
 
     Each app gets its own registry, so building several apps in one process (tests)
@@ -262,7 +262,10 @@ def install_observability(app: FastAPI, settings: Settings | None = None) -> Non
         buckets=LATENCY_BUCKETS,
         registry=registry,
     )
-    registry.register(ServiceStateCollector(settings))
+    # The app's settings (create_app may be given its own), else the environment's.
+    registry.register(
+        ServiceStateCollector(lambda: getattr(app.state, "settings", None) or get_settings())
+    )
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetricsMiddleware, requests=requests, latency=latency)
 

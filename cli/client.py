@@ -452,9 +452,7 @@ def diagnose(
             job = api.wait(job.id, poll=0.5, timeout=timeout)
     if job.state != "succeeded":
         _finish(job)
-    out.print(
-        f"[bold]{job.id}[/bold]  {upload.num_points or '?'} points × {upload.dim or '?'} dims"
-    )
+    out.print(f"[bold]{job.id}[/bold]  {upload.n or '?'} points × {upload.d or '?'} dims")
     _print_summary(job.summary or {})
 
 

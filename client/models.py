@@ -90,5 +90,7 @@ class Upload(_Model):
     id: str
     filename: str | None = None
     size: int | None = None
-    num_points: int | None = None
-    dim: int | None = None
+    n: int | None = Field(default=None, description="number of points (rows)")
+    d: int | None = Field(default=None, description="dimensions (columns)")
+    dtype: str | None = None
+    has_labels: bool | None = None

@@ -84,8 +84,14 @@ def configure_logging(service: str, *, level: str | int | None = None) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler._ldreg_json = True  # type: ignore[attr-defined]
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace our previous handler and plain console ones (logging.basicConfig's), but
+    # keep any other (a job's log file, pytest's capture): they format lines their way.
+    for old in list(root.handlers):
+        if getattr(old, "_ldreg_json", False) or type(old) is logging.StreamHandler:
+            root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level)
     for name in _OWN_HANDLER_LOGGERS:
         own = logging.getLogger(name)
