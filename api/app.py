@@ -11,7 +11,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs, uploads
+from api.observability import install_observability
+from api.routes import dashboard, health, jobs, uploads
+from service.logging import configure_logging
 from service.settings import Settings, get_settings
 
 API_VERSION = "1"
@@ -24,6 +26,7 @@ def operation_id(route: APIRoute) -> str:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    configure_logging("api")
     app = FastAPI(
         title="LDReg service",
         version=API_VERSION,
@@ -32,9 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
+    install_observability(app)
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1")
     v1.include_router(jobs.router)
     v1.include_router(uploads.router)
     app.include_router(v1)
+    dashboard.install_dashboard(app)
     return app
