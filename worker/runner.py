@@ -43,6 +43,7 @@ from service.execution import (
     requeue_for_retry,
     sync_artifacts,
 )
+from service.logging import bind_job, configure_logging
 from service.models import Job, JobState
 from service.queue import enqueue_job
 from service.settings import Settings
@@ -86,6 +87,7 @@ def run_job(job_id: str, settings: Settings, *, worker_name: str | None = None) 
     ``skipped``, ``succeeded``, ``failed``, ``cancelled``, ``queued`` or ``lost``."""
     from worker.sink import DatabaseSink, HeartbeatThread, Lease
 
+    configure_logging("worker")  # JSON lines from the job's process (one per job)
     worker_name = worker_name or default_worker_name()
     url = settings.database_url
     with session_scope(url) as s:
@@ -99,6 +101,7 @@ def run_job(job_id: str, settings: Settings, *, worker_name: str | None = None) 
             job_id,
         )
         return "skipped"
+    bind_job(job_id=job_id, attempt=attempt)  # on every log line of this attempt
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
 
     lease = Lease(settings, job_id, attempt)
