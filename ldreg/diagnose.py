@@ -1,0 +1,565 @@
+"""LID and dimensional-collapse diagnosis of any representation.
+
+A diagnosis answers "has this representation collapsed, locally or globally?" for an
+(N, D) embedding matrix, without training anything:
+
+- **local**: the LID of every point from the distances to its k nearest neighbours
+  (``ldreg.lid``), for each requested estimator and k, from ONE exact kNN pass at the
+  largest k (the k smallest distances of a point are a prefix of its max-k distances);
+  summarised by the geometric mean (the Fisher–Rao mean of LIDs, Huang et al. 2024,
+  "LDReg", Sec. 4), mean, median, percentiles, a log-spaced histogram, a per-class
+  breakdown, and the **local-collapse alarm**: the fraction of points whose LID lies
+  more than one Fisher–Rao unit below the geometric mean (see ``collapse_fraction``);
+- **global**: effective rank (RankMe), α-ReQ and PCA dimensions at 90/99 % variance
+  (``ldreg.rank``).
+
+Usage::
+
+    report = diagnose_embeddings(x, k=[32, 512], estimators=["mle", "mom"], labels=y)
+    report.summary()["lid_gmean"]["mle"]["32"]  # the headline number
+    compare_reports(report_a, report_b)[("mle", 32)]["fisher_rao"]
+
+This module imports torch only inside ``diagnose_embeddings``: the comparison maths
+(``log_lid_wasserstein``, the summaries) is numpy-only so the API can use it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+ReferenceMode = Literal["full", "sample"]
+
+# A point raises the local-collapse alarm when ln LID_i < ln gmean - FISHER_RAO_THRESHOLD,
+# i.e. LID_i < gmean / e. Why one Fisher-Rao unit (c = e): the Fisher-Rao distance between
+# two LIDs is |ln a - ln b| (Huang et al. 2024, Sec. 4), so the threshold is scale-free
+# (the same for a 10-d and a 300-d representation). And it is far outside the estimator's
+# own noise: under a locally uniform density, -ln(r_i / r_k) for i < k are i.i.d.
+# Exp(LID) (Levina & Bickel 2004), so ln of the MLE is -ln Gamma(k-1) + const, with
+# standard deviation sqrt(trigamma(k-1)): 0.34 at k=10, 0.18 at k=32, 0.13 at k=64.
+# The probability that noise alone puts a point below the threshold,
+# P(ln G > digamma(k-1) + 1) with G ~ Gamma(k-1, 1), is 1.4 % at k=5, 0.13 % at k=8,
+# 0.03 % at k=10, 3e-6 at k=16 and 2e-11 at k=32: an alarm fraction of a few percent
+# at k >= 16 is a real population of locally collapsed points, not noise.
+FISHER_RAO_THRESHOLD = 1.0
+
+# Histogram bins shared by every report, so dashboards can overlay two jobs bin by bin:
+# 20 log-spaced bins per decade (bin width 0.115 in ln LID, a tenth of the alarm
+# threshold) from LID 0.1 to 10^4; values outside are counted in the end bins.
+HIST_LOG10_RANGE = (-1.0, 4.0)
+HIST_BINS_PER_DECADE = 20
+
+PERCENTILES = (5, 25, 75, 95)
+
+
+@dataclass(frozen=True)
+class LIDSummary:
+    """Summary statistics of one set of per-point LIDs.
+
+    ``gmean``, ``mean``, ``median`` and the percentiles are over the points whose LID is
+    finite and positive (``num_valid``); ``num_degenerate`` points (a zero or undefined
+    LID, e.g. exact duplicates of their neighbours) are left out of those and counted as
+    collapsed in ``collapse_fraction``, which is over all ``count`` points.
+    """
+
+    count: int
+    num_valid: int
+    num_degenerate: int
+    gmean: float
+    mean: float
+    median: float
+    percentiles: dict[str, float]
+    collapse_fraction: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "num_valid": self.num_valid,
+            "num_degenerate": self.num_degenerate,
+            "gmean": self.gmean,
+            "mean": self.mean,
+            "median": self.median,
+            **self.percentiles,
+            "collapse_fraction": self.collapse_fraction,
+        }
+
+
+@dataclass(frozen=True)
+class LIDHistogram:
+    """Counts of LIDs in log-spaced bins (``edges`` has one more entry than ``counts``).
+
+    ``counts`` sums to the number of finite, positive LIDs (values outside the edges land
+    in the end bins); ``num_degenerate`` counts the rest, so the two add up to N.
+    """
+
+    edges: list[float]
+    counts: list[int]
+    num_degenerate: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"edges": self.edges, "counts": self.counts, "num_degenerate": self.num_degenerate}
+
+
+@dataclass
+class DiagnosisReport:
+    """Everything a diagnosis computed; ``summary()`` is the job summary of DESIGN.md.
+
+    ``lids[(estimator, k)]`` holds the per-point LIDs (float32, in input order);
+    ``k_used[k]`` is the k actually used (clipped to the available neighbours).
+    """
+
+    num_points: int
+    dim: int
+    k: list[int]
+    k_used: dict[int, int]
+    estimators: list[str]
+    reference_mode: str
+    reference_size: int
+    collapse_threshold: float
+    lids: dict[tuple[str, int], np.ndarray]
+    summaries: dict[tuple[str, int], LIDSummary]
+    histograms: dict[tuple[str, int], LIDHistogram]
+    per_class: dict[str, dict[tuple[str, int], LIDSummary]] | None
+    effective_rank: float
+    alpha_req: float
+    pca_dims: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def _by_estimator(self, value: Callable[[LIDSummary], Any], summaries=None) -> dict:
+        summaries = self.summaries if summaries is None else summaries
+        return {
+            est: {str(k): value(summaries[(est, k)]) for k in self.k if (est, k) in summaries}
+            for est in self.estimators
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The job summary: ``{"lid_gmean": {"mle": {"32": 11.2}}, "effective_rank": ...}``.
+
+        JSON-ready (keys of k are strings). Per-point LIDs and histograms are artifacts,
+        not part of the summary.
+        """
+        out: dict[str, Any] = {
+            "lid_gmean": self._by_estimator(lambda s: s.gmean),
+            "lid_mean": self._by_estimator(lambda s: s.mean),
+            "lid_median": self._by_estimator(lambda s: s.median),
+            "lid_percentiles": self._by_estimator(lambda s: dict(s.percentiles)),
+            "collapse_fraction": self._by_estimator(lambda s: s.collapse_fraction),
+            "num_degenerate": self._by_estimator(lambda s: s.num_degenerate),
+            "collapse_threshold": {
+                "fisher_rao": self.collapse_threshold,
+                "lid_ratio": math.exp(-self.collapse_threshold),
+            },
+            "effective_rank": self.effective_rank,
+            "alpha_req": self.alpha_req,
+            **{f"pca_dim_{p}": d for p, d in self.pca_dims.items()},
+            "num_points": self.num_points,
+            "dim": self.dim,
+            "k_used": {str(k): kk for k, kk in self.k_used.items()},
+            "reference": {"mode": self.reference_mode, "size": self.reference_size},
+        }
+        if self.per_class is not None:
+            out["per_class"] = {
+                label: {
+                    "count": next(iter(s.values())).count,
+                    "lid_gmean": self._by_estimator(lambda s: s.gmean, s),
+                    "collapse_fraction": self._by_estimator(lambda s: s.collapse_fraction, s),
+                }
+                for label, s in self.per_class.items()
+            }
+        return out
+
+    def histogram_data(self) -> dict[str, Any]:
+        """Histograms and full per-class summaries, for dashboards (``histogram.json``)."""
+        out: dict[str, Any] = {
+            "bins": "log10-spaced; values outside the edges are counted in the end bins",
+            "histograms": self._by_estimator(lambda h: h.as_dict(), self.histograms),
+            "summaries": self._by_estimator(lambda s: s.as_dict()),
+        }
+        if self.per_class is not None:
+            out["per_class"] = {
+                label: self._by_estimator(lambda s: s.as_dict(), s)
+                for label, s in self.per_class.items()
+            }
+        return out
+
+    def lid_arrays(self) -> dict[str, np.ndarray]:
+        """Per-point LIDs keyed ``"{estimator}_k{k}"`` (for ``np.savez``)."""
+        return {f"{est}_k{k}": v for (est, k), v in self.lids.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics on per-point LIDs (numpy only).
+
+
+def _valid_log_lids(lids: np.ndarray) -> np.ndarray:
+    lids = np.asarray(lids, dtype=np.float64)
+    valid = np.isfinite(lids) & (lids > 0)
+    return np.log(lids[valid])
+
+
+def collapse_fraction(
+    lids: np.ndarray,
+    *,
+    threshold: float = FISHER_RAO_THRESHOLD,
+    reference_gmean: float | None = None,
+) -> float:
+    """Fraction of points whose LID lies more than ``threshold`` Fisher–Rao units below
+    the geometric mean: ``ln LID_i < ln gmean - threshold``.
+
+    ``reference_gmean`` defaults to the geometric mean of ``lids`` themselves; the
+    per-class breakdown passes the whole representation's, so a class's fraction is the
+    share of its points that raise the representation's alarm. Degenerate points (LID
+    zero or undefined) count as collapsed. See ``FISHER_RAO_THRESHOLD`` for why 1.
+    """
+    lids = np.asarray(lids, dtype=np.float64)
+    if lids.size == 0:
+        raise ValueError("collapse_fraction needs at least one LID")
+    log_lids = _valid_log_lids(lids)
+    degenerate = lids.size - log_lids.size
+    if reference_gmean is not None:
+        center = math.log(reference_gmean)
+    elif log_lids.size:
+        center = float(log_lids.mean())
+    else:
+        return 1.0
+    low = int(np.count_nonzero(log_lids < center - threshold))
+    return (low + degenerate) / lids.size
+
+
+def summarize_lids(
+    lids: np.ndarray,
+    *,
+    threshold: float = FISHER_RAO_THRESHOLD,
+    reference_gmean: float | None = None,
+) -> LIDSummary:
+    """Geometric mean (headline), mean, median, p5/p25/p75/p95 and the collapse alarm
+    (against ``reference_gmean``, by default these LIDs' own; see ``collapse_fraction``)."""
+    lids = np.asarray(lids, dtype=np.float64)
+    if lids.ndim != 1 or lids.size == 0:
+        raise ValueError(f"LIDs must be a non-empty 1-D array, found shape {lids.shape}")
+    log_lids = _valid_log_lids(lids)
+    nan = float("nan")
+    if log_lids.size == 0:
+        pct = {f"p{p}": nan for p in PERCENTILES}
+        return LIDSummary(lids.size, 0, lids.size, nan, nan, nan, pct, 1.0)
+    valid = np.exp(log_lids)
+    # Percentiles of ln LID map to percentiles of LID (exp is monotone), so one sort serves.
+    q = np.percentile(log_lids, [50, *PERCENTILES])
+    return LIDSummary(
+        count=int(lids.size),
+        num_valid=int(log_lids.size),
+        num_degenerate=int(lids.size - log_lids.size),
+        gmean=float(np.exp(log_lids.mean())),
+        mean=float(valid.mean()),
+        median=float(np.exp(q[0])),
+        percentiles={f"p{p}": float(np.exp(v)) for p, v in zip(PERCENTILES, q[1:], strict=True)},
+        collapse_fraction=collapse_fraction(
+            lids, threshold=threshold, reference_gmean=reference_gmean
+        ),
+    )
+
+
+def lid_histogram(lids: np.ndarray) -> LIDHistogram:
+    """Counts in the shared log-spaced bins (``HIST_LOG10_RANGE``, 20 per decade)."""
+    lids = np.asarray(lids, dtype=np.float64)
+    log_lids = _valid_log_lids(lids) / math.log(10.0)
+    lo, hi = HIST_LOG10_RANGE
+    num_bins = round((hi - lo) * HIST_BINS_PER_DECADE)
+    log_edges = np.linspace(lo, hi, num_bins + 1)
+    counts, _ = np.histogram(np.clip(log_lids, lo, hi), bins=log_edges)
+    return LIDHistogram(
+        edges=[float(v) for v in 10.0**log_edges],
+        counts=[int(c) for c in counts],
+        num_degenerate=int(lids.size - log_lids.size),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing representations (numpy only: the API's /v1/compare uses these).
+
+
+def log_lid_wasserstein(lids_a: np.ndarray, lids_b: np.ndarray) -> float:
+    """1-D Wasserstein-1 distance between the distributions of ln LID of two point sets.
+
+    Why this distance: with ground metric |ln a - ln b| (the Fisher–Rao distance between
+    two LIDs, Huang et al. 2024) it is the least average Fisher–Rao distance over which
+    one set of LIDs must be moved to become the other, so it is in the same units as
+    ``fisher_rao_distance`` of the geometric means and never below it (|E X - E Y| <=
+    E|X - Y| for any coupling), with equality exactly when one ln-LID distribution is a
+    shift of the other; it grows beyond it when the shapes differ (e.g. a collapsed tail).
+    In one dimension W1 = ∫ |F_a(t) - F_b(t)| dt (Vallender 1973; Villani 2009, Ch. 2),
+    computed exactly here from the two empirical CDFs. Degenerate LIDs are ignored.
+    """
+    a = np.sort(_valid_log_lids(lids_a))
+    b = np.sort(_valid_log_lids(lids_b))
+    if a.size == 0 or b.size == 0:
+        raise ValueError("Wasserstein distance needs at least one valid LID on each side")
+    grid = np.concatenate([a, b])
+    grid.sort(kind="mergesort")
+    cdf_a = np.searchsorted(a, grid[:-1], side="right") / a.size
+    cdf_b = np.searchsorted(b, grid[:-1], side="right") / b.size
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
+
+
+def compare_reports(
+    a: DiagnosisReport, b: DiagnosisReport
+) -> dict[tuple[str, int], dict[str, float]]:
+    """For each (estimator, k) both reports have: the Fisher–Rao distance of their
+    geometric-mean LIDs (signed change ``ln(b/a)`` too) and the ln-LID Wasserstein-1."""
+    from ldreg.lid import fisher_rao_distance
+
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for key in a.lids:
+        if key not in b.lids:
+            continue
+        ga, gb = a.summaries[key].gmean, b.summaries[key].gmean
+        out[key] = {
+            "gmean_a": ga,
+            "gmean_b": gb,
+            "fisher_rao": fisher_rao_distance(ga, gb),
+            "log_ratio": math.log(gb / ga),
+            "wasserstein_log_lid": log_lid_wasserstein(a.lids[key], b.lids[key]),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The diagnosis.
+
+
+def _progress_blocks(n: int, minimum: int = 2048, updates: int = 50) -> int:
+    """Queries per k-NN call: about ``updates`` progress reports, never tiny calls (each
+    call re-centres the reference set, an O(M·D) copy)."""
+    return max(minimum, -(-n // updates))
+
+
+def diagnose_embeddings(
+    x: Any,
+    *,
+    k: Sequence[int],
+    estimators: Iterable[str] = ("mle", "mom"),
+    labels: Any | None = None,
+    reference: ReferenceMode = "full",
+    reference_size: int | None = None,
+    seed: int = 0,
+    collapse_threshold: float = FISHER_RAO_THRESHOLD,
+    device: Any | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> DiagnosisReport:
+    """Diagnose local and global dimensionality of the (N, D) embeddings ``x``.
+
+    Args:
+        x: (N, D) array or tensor (float16/32/64; a numpy memmap is fine), computed in
+            float32 (float64 stays float64).
+        k: neighbourhood sizes; each is clipped to the neighbours available (N - 1, or
+            ``reference_size - 1``), the clipped value is in ``report.k_used``.
+        estimators: any of ``"mle"``, ``"mom"``, ``"tle"`` (``ldreg.lid``, LDReg variants).
+        labels: optional (N,) class labels for the per-class breakdown.
+        reference: ``"full"``: each point's neighbours are the N - 1 other points, exact.
+            ``"sample"``: they come from ``reference_size`` points drawn at random
+            (``seed``) without replacement; a point of the sample excludes itself.
+            **Bias of "sample"**: the sample is N/M times sparser, so the k-th
+            neighbour in it sits near the (k·N/M)-th neighbour of the full set: the LIDs
+            describe the data at the scale of k·N/M full-set neighbours (the estimator's
+            variance stays that of k). Where the LID depends on scale -- and local
+            collapse is a small-scale effect -- sample mode under-reports it; prefer
+            ``"full"`` (on a GPU worker even N = 10^6 is minutes).
+        collapse_threshold: the local-collapse alarm's distance below the geometric
+            mean in Fisher–Rao units (``FISHER_RAO_THRESHOLD``; 1 means LID < gmean / e).
+        device: where the k-NN search runs (default: ``x``'s device, CPU for numpy).
+        progress: called with the fraction of points whose neighbours are done, in
+            [0, 1], non-decreasing, last call 1.0.
+
+    Cost: one exact k-NN pass at max(k) in chunks (``ldreg.lid.knn``: memory bounded
+    independently of N); the per-point LIDs of every (estimator, k) are computed from
+    each chunk's distances before the chunk is dropped, so memory beyond ``x`` is
+    O(N · #estimators · #k) for the results. The global metrics (``ldreg.rank``) each
+    accumulate a D × D Gram matrix in chunks.
+
+    Raises:
+        ValueError (``ldreg.lid.LIDInputError``): bad shape, NaN/inf, fewer than 3
+        points, an unknown estimator or reference mode, labels of the wrong length.
+    """
+    import torch
+
+    from ldreg.lid import LIDInputError, knn, lid_from_distances, lid_tle_from_knn
+    from ldreg.rank import alpha_req, effective_rank, pca_dims
+
+    timings: dict[str, float] = {}
+    points = _as_float_tensor(x, device, LIDInputError)
+    n, dim = points.shape
+    if n < 3:
+        raise LIDInputError(f"a diagnosis needs at least 3 points, found {n}")
+    estimators = list(dict.fromkeys(estimators))
+    unknown = [e for e in estimators if e not in ("mle", "mom", "tle")]
+    if unknown or not estimators:
+        raise LIDInputError(f"unknown estimators {unknown}; use 'mle', 'mom' or 'tle'")
+    ks = sorted({int(v) for v in k})
+    if not ks or ks[0] < 2:
+        raise LIDInputError(f"every k must be at least 2, found {list(k)}")
+    if not collapse_threshold > 0:
+        raise LIDInputError(f"collapse_threshold must be positive, found {collapse_threshold}")
+    label_array = None
+    if labels is not None:
+        label_array = np.asarray(labels).reshape(-1)
+        if label_array.shape[0] != n:
+            raise LIDInputError(
+                f"labels must have one entry per point ({n}), found {label_array.shape[0]}"
+            )
+
+    if reference == "full":
+        ref_idx = None
+        n_ref = n
+    elif reference == "sample":
+        if reference_size is None or reference_size < 3:
+            raise LIDInputError(
+                f"sample reference needs reference_size >= 3, found {reference_size}"
+            )
+        n_ref = min(int(reference_size), n)
+        # Sorted indices keep the reference gather sequential (a memmap reads in order).
+        ref_idx = np.sort(np.random.default_rng(seed).choice(n, size=n_ref, replace=False))
+    else:
+        raise LIDInputError(f"unknown reference mode {reference!r}; use 'full' or 'sample'")
+    # One neighbourhood size for every point: a sampled point has n_ref - 1 others.
+    k_used = {kk: min(kk, n_ref - 1) for kk in ks}
+    if min(k_used.values()) < 2:
+        raise LIDInputError(f"the reference set of {n_ref} points leaves fewer than 2 neighbours")
+    k_max = max(k_used.values())
+    keys = [(est, kk) for est in estimators for kk in ks]
+    lids = {key: np.empty(n, dtype=np.float32) for key in keys}
+
+    def emit(done: int) -> None:
+        if progress is not None:
+            progress(min(1.0, done / n))
+
+    def estimate(rows: np.ndarray | slice, dists, indices, ref) -> None:
+        for est, kk in keys:
+            kd = dists[:, : k_used[kk]]
+            if est == "tle":
+                values = lid_tle_from_knn(kd, indices[:, : k_used[kk]], ref)
+            else:
+                values = lid_from_distances(kd, est)
+            lids[(est, kk)][rows] = values.cpu().numpy()
+
+    t0 = time.perf_counter()
+    emit(0)
+    done = 0
+    with torch.no_grad():
+        if ref_idx is None:
+            ref = points
+            step = _progress_blocks(n)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                # The queries are rows s..e of the reference: each excludes itself by index.
+                dists, indices = knn(points[s:e], k_max, ref, self_offset=s)
+                estimate(slice(s, e), dists, indices, ref)
+                done += e - s
+                emit(done)
+        else:
+            index = torch.as_tensor(ref_idx, device=points.device)
+            ref = points.index_select(0, index)
+            # Sampled points are the reference itself: their own row is excluded by index.
+            step = _progress_blocks(n)
+            for s in range(0, n_ref, step):
+                e = min(s + step, n_ref)
+                dists, indices = knn(ref[s:e], k_max, ref, self_offset=s)
+                estimate(ref_idx[s:e], dists, indices, ref)
+                done += e - s
+                emit(done)
+            outside = np.setdiff1d(np.arange(n), ref_idx, assume_unique=True)
+            for s in range(0, outside.size, step):
+                rows = outside[s : s + step]
+                queries = points.index_select(0, torch.as_tensor(rows, device=points.device))
+                dists, indices = knn(queries, k_max, ref)
+                estimate(rows, dists, indices, ref)
+                done += rows.size
+                emit(done)
+    timings["knn_lid"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    summaries = {key: summarize_lids(v, threshold=collapse_threshold) for key, v in lids.items()}
+    histograms = {key: lid_histogram(v) for key, v in lids.items()}
+    per_class = None
+    if label_array is not None:
+        per_class = {}
+        for label in np.unique(label_array):
+            mask = label_array == label
+            per_class[str(label.item() if hasattr(label, "item") else label)] = {
+                # The alarm is the whole representation's: a class's fraction is the
+                # share of its points below the overall geometric mean / e.
+                key: summarize_lids(
+                    v[mask], threshold=collapse_threshold, reference_gmean=summaries[key].gmean
+                )
+                for key, v in lids.items()
+            }
+    timings["summaries"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    global_metrics = (
+        float(effective_rank(points)),
+        float(alpha_req(points)),
+        {"90": pca_dims(points, 0.9), "99": pca_dims(points, 0.99)},
+    )
+    timings["rank"] = time.perf_counter() - t0
+    emit(n)
+    return DiagnosisReport(
+        num_points=n,
+        dim=dim,
+        k=ks,
+        k_used=k_used,
+        estimators=estimators,
+        reference_mode=reference,
+        reference_size=n_ref,
+        collapse_threshold=float(collapse_threshold),
+        lids=lids,
+        summaries=summaries,
+        histograms=histograms,
+        per_class=per_class,
+        effective_rank=global_metrics[0],
+        alpha_req=global_metrics[1],
+        pca_dims=global_metrics[2],
+        seconds=timings,
+    )
+
+
+def _as_float_tensor(x: Any, device: Any, error: type[Exception]):
+    """(N, D) float32 tensor (float64 kept) on ``device``; NaN/inf refused, checked in
+    row chunks so a huge memmap never needs an N × D boolean mask."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == object or not (
+            np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+        ):
+            raise error(f"embeddings must be numbers, found dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise error(f"embeddings must be a 2-D (N, D) array, found shape {arr.shape}")
+        dtype = np.float64 if arr.dtype == np.float64 else np.float32
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype))
+    if t.ndim != 2:
+        raise error(f"embeddings must be a 2-D (N, D) array, found shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise error(f"embeddings are empty: shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise error(f"embeddings must be real numbers, found dtype {t.dtype}")
+    if t.dtype != torch.float64:
+        t = t.to(torch.float32)
+    if device is not None:
+        t = t.to(device)
+    rows = max(1, (64 * 2**20) // max(1, t.shape[1]))
+    for s in range(0, t.shape[0], rows):
+        bad = ~torch.isfinite(t[s : s + rows])
+        if bool(bad.any()):
+            row = s + int(bad.any(dim=1).nonzero()[0, 0])
+            raise error(
+                f"embeddings contain NaN or inf (first at row {row}); remove or fix those rows"
+            )
+    return t.contiguous()
