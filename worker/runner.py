@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ldreg.errors import TrainingCancelled, UserError
-from ldreg.spec import PretrainSpec
+from ldreg.spec import DiagnoseSpec, PretrainSpec
 from service.db import session_scope
 from service.execution import (
     ArtifactFile,
@@ -138,11 +138,20 @@ def _execute(
 
         return pretrain(spec, run_dir=run_dir, data_root=settings.data_root, sink=sink, resume=True)
     if kind == "diagnose":
-        # Diagnose jobs arrive with a later issue; until then they fail clearly
-        # instead of being retried.
-        raise JobNotImplemented(
-            "diagnose jobs are not supported by this worker yet; submit a pretrain job"
+        diagnose_spec = DiagnoseSpec.model_validate(spec_data)
+        assert_fresh_process()
+        from worker.diagnose_job import run_diagnose
+
+        summary, _ = run_diagnose(
+            spec=diagnose_spec,
+            job_id=sink.lease.job_id,
+            settings=settings,
+            run_dir=run_dir,
+            # The heartbeat thread carries the fraction to the job's row.
+            report_progress=lambda f: setattr(sink.lease, "progress_fraction", f),
+            should_stop=sink.should_stop,
         )
+        return summary
     raise JobNotImplemented(f"unknown job kind {kind!r}")
 
 
