@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldreg.lid import geometric_mean, lid_mle
+from ldreg.rank import alpha_req, effective_rank
+
 
 def _check_labelled(features: Tensor, labels: Tensor, what: str) -> None:
     if features.ndim != 2:
@@ -116,8 +119,8 @@ def linear_probe_accuracy(
     """
     _check_labelled(train_f, train_y, "train")
     _check_labelled(test_f, test_y, "test")
-    x_train = train_f.double().to(device)
-    x_test = test_f.double().to(device)
+    x_train = train_f.float().to(device)
+    x_test = test_f.float().to(device)
     mean = x_train.mean(dim=0)
     std = x_train.std(dim=0, unbiased=False).clamp_min(1e-6)
     x_train = (x_train - mean) / std
@@ -125,9 +128,9 @@ def linear_probe_accuracy(
     y_train = train_y.long().to(device)
 
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).double()
+    weight = torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01
     weight = weight.to(device).requires_grad_(True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
@@ -199,10 +202,6 @@ def representation_metrics(
     n = features.shape[0]
     if n < 3:
         raise ValueError(f"representation metrics need at least 3 points, found {n}")
-    # Imported here until ldreg.lid / ldreg.rank land (written concurrently).
-    from ldreg.lid import geometric_mean, lid_mle
-    from ldreg.rank import alpha_req, effective_rank
-
     x = features.float()
     metrics: dict[str, float] = {}
     for k in lid_k:
