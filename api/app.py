@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 
 from api.errors import install_error_handlers
 from api.observability import install_observability
-from api.routes import dashboard, health, jobs, uploads
+from api.routes import compare, dashboard, health, jobs, uploads
 from service.logging import configure_logging
 from service.settings import Settings, get_settings
 
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(jobs.router)
     v1.include_router(uploads.router)
+    v1.include_router(compare.router)
     app.include_router(v1)
     dashboard.install_dashboard(app)
     return app
