@@ -40,6 +40,8 @@ def _setup_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    # Alembic announces every plugin and migration step at INFO on each start.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _schema_at_head(url: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from service.settings import Settings
 
@@ -86,7 +86,9 @@ def _config(settings: Settings) -> dict:
         # Results live in the database; no result backend.
         "task_ignore_result": True,
         "result_backend": None,
-        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         "task_default_queue": settings.default_queue,
         "task_create_missing_queues": False,
         "task_serializer": "json",

@@ -104,12 +104,27 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A Redis database index of its own, emptied at the start of the session."""
-    index = 11
+def redis_url() -> Iterator[str]:
+    """A Redis database index of its own, emptied at the start of the session.
+
+    Several test sessions may run at once on one machine; with a shared index one
+    session's worker would take (and skip) another session's job messages. So each
+    session claims a free index 1-15 with a SET NX marker in index 0, released at the
+    end (and expiring by itself if the session is killed).
+    """
+    marker = redis.Redis.from_url(f"{REDIS_SERVER}/0")
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for index in range(1, 16):
+        key = f"ldreg-test-session:{index}"
+        if marker.set(key, token, nx=True, ex=2 * 3600):
+            break
+    else:
+        raise RuntimeError("no free Redis database index (1-15) for this test session")
     url = f"{REDIS_SERVER}/{index}"
     redis.Redis.from_url(url).flushdb()
-    return url
+    yield url
+    if marker.get(key) == token.encode():
+        marker.delete(key)
 
 
 @pytest.fixture(scope="session")
