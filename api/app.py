@@ -7,7 +7,7 @@ under a second (tests/test_api_import.py holds it to that).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from api.errors import install_error_handlers
@@ -37,10 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_observability(app)
     app.include_router(health.router)
-    v1 = APIRouter(prefix="/v1")
-    v1.include_router(jobs.router)
-    v1.include_router(uploads.router)
-    v1.include_router(compare.router)
-    app.include_router(v1)
+    # Included flat with the version prefix: a nested /v1 router makes FastAPI rebuild
+    # every route once more at start-up.
+    for router in (jobs.router, uploads.router, compare.router):
+        app.include_router(router, prefix="/v1")
     dashboard.install_dashboard(app)
     return app
