@@ -165,7 +165,7 @@ def _print_job(job: Job) -> None:
         table.add_row("method", f"{job.method or '-'}  (LDReg {_ldreg_label(job)})")
     table.add_row("state", job.state)
     table.add_row("attempt", str(job.attempt))
-    table.add_row("progress", f"epoch {_progress_text(job)}")
+    table.add_row("progress", f"epoch {_progress_text(job)}" if job.progress.epochs else "-")
     table.add_row("created", _fmt_time(job.created_at))
     table.add_row("started", _fmt_time(job.started_at))
     table.add_row("finished", _fmt_time(job.finished_at))
@@ -177,30 +177,48 @@ def _print_job(job: Job) -> None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    """A diagnose summary's LID table, then every other final metric."""
+    """A diagnose summary's LID table (geometric mean and local-collapse fraction per
+    estimator and k), then every other final value, nested ones flattened."""
     lid = summary.get("lid_gmean")
+    collapse = summary.get("collapse_fraction") or {}
     if isinstance(lid, dict) and lid:
-        ks = sorted({k for per_k in lid.values() for k in per_k}, key=lambda k: int(k))
-        table = Table(title="geometric-mean LID")
+        ks = sorted({k for per_k in lid.values() for k in per_k}, key=int)
+        table = Table(title="geometric-mean LID (collapsed: share of points below gmean/e)")
         table.add_column("estimator")
         for k in ks:
             table.add_column(f"k={k}", justify="right")
+            table.add_column(f"collapsed k={k}", justify="right")
         for estimator, per_k in lid.items():
-            table.add_row(estimator, *[_fmt_value(per_k.get(k, "-")) for k in ks])
+            cells = []
+            for k in ks:
+                cells.append(_fmt_value(per_k.get(k, "-")))
+                fraction = (collapse.get(estimator) or {}).get(k)
+                cells.append(f"{100 * fraction:.2f}%" if isinstance(fraction, float | int) else "-")
+            table.add_row(estimator, *cells)
         out.print(table)
     rest = Table.grid(padding=(0, 2))
     rest.add_column(style="bold")
     rest.add_column()
     for key, value in summary.items():
-        if key == "lid_gmean":
+        if key in ("lid_gmean", "collapse_fraction", "per_class"):
             continue
-        if isinstance(value, dict | list):
+        if isinstance(value, dict):
+            text = " ".join(f"{path}={_fmt_value(v)}" for path, v in _flatten(value))
+            value = text if len(text) <= 120 else text[:117] + "..."
+        elif isinstance(value, list):
             value = json.dumps(value)
-            if len(value) > 100:
-                value = value[:97] + "..."
         rest.add_row(key, _fmt_value(value))
     if rest.row_count:
         out.print(rest)
+
+
+def _flatten(value: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, item in value.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(item, dict):
+            yield from _flatten(item, path)
+        else:
+            yield path, item
 
 
 def _load_spec(path: Path, kind: str | None) -> tuple[str, dict[str, Any], str | None]:

@@ -78,11 +78,16 @@ class LDRegClient:
         return Job.model_validate(self._json("POST", "/v1/jobs", json=body, headers=headers))
 
     def jobs(
-        self, *, state: str | None = None, kind: str | None = None, limit: int | None = None
+        self,
+        *,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> Iterator[Job]:
-        """The team's jobs, newest first, following the cursor across pages; at most
-        ``limit`` jobs when given."""
-        params: dict[str, Any] = {"limit": min(limit or PAGE_SIZE, PAGE_SIZE)}
+        """The team's jobs, newest first, following the cursor across pages of
+        ``page_size``; at most ``limit`` jobs when given."""
+        params: dict[str, Any] = {"limit": min(limit or page_size, page_size)}
         if state:
             params["state"] = state
         if kind:

@@ -82,7 +82,9 @@ def configure_logging(service: str, *, level: str | int | None = None) -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    # The process's real stderr: Celery replaces sys.stderr with a proxy that logs what
+    # is written to it, which would swallow (or loop) our own lines.
+    handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.setFormatter(formatter)
     handler._ldreg_json = True  # type: ignore[attr-defined]
     root = logging.getLogger()
