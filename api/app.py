@@ -7,6 +7,10 @@ under a second (tests/test_api_import.py holds it to that).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
@@ -25,6 +29,22 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
+def _warm_publisher(settings: Settings) -> None:
+    # Celery takes a good part of a second to import and configure; do it once the
+    # server is up, in the background, instead of in the first submit's request.
+    from service.queue import celery_app
+
+    celery_app(settings)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    threading.Thread(
+        target=_warm_publisher, args=(app.state.settings,), name="warm-publisher", daemon=True
+    ).start()
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging("api")
     app = FastAPI(
@@ -32,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description="Submit SSL pretraining and LID diagnosis jobs; follow their metrics.",
         generate_unique_id_function=operation_id,
+        lifespan=_lifespan,
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)

@@ -121,6 +121,9 @@ def validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
         if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             field = "kind"
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            # The location is a character offset, not a field.
+            field, message = "", f"request body is not valid JSON ({message})"
         blamed = _BLAMED_FIELD.match(message) if err.get("type") == "value_error" else None
         if blamed:
             field = f"{field}.{blamed.group(1)}" if field else blamed.group(1)

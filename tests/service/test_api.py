@@ -126,6 +126,10 @@ def test_invalid_specs_are_422_naming_the_field(
 
     r = client.post("/v1/jobs", json={"kind": "finetune", "spec": PRETRAIN})
     assert r.status_code == 422 and r.json()["error"]["field"] == "kind"
+    r = client.post(
+        "/v1/jobs", content=b'{"kind": "pretrain",', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
     # Nothing was stored by any refused request.
     assert client.get("/v1/jobs").json()["jobs"] == []
 

@@ -13,10 +13,11 @@ import httpx
 import numpy as np
 import pytest
 from conftest import LDREG, ServiceProcess, free_port, wait_http_ok
+from sqlalchemy import update
 
 from service import auth
 from service.db import session_scope
-from service.models import Upload
+from service.models import Job, Upload
 
 
 @pytest.fixture
@@ -156,6 +157,26 @@ def test_diagnose_needs_an_upload_of_the_team_with_enough_points(new_team) -> No
     r = client.post("/v1/jobs", json={"kind": "diagnose", "spec": {**spec, "k": [8, 64]}})
     assert r.status_code == 422 and r.json()["error"]["field"] == "spec.k"
     assert "has 40" in r.json()["error"]["message"]
+
+
+def test_diagnose_of_a_job_needs_a_succeeded_pretrain_job_of_the_team(
+    new_team, pg_url: str
+) -> None:
+    client, _ = new_team()
+    other, _ = new_team()
+    pretrain = {"method": "simclr", "epochs": 1, "batch_size": 32, "ldreg": {"k": 8}}
+    job = client.post("/v1/jobs", json={"kind": "pretrain", "spec": pretrain}).json()
+    spec = {"source": {"job_id": job["id"], "dataset": {"name": "digits"}}, "k": [8]}
+
+    r = client.post("/v1/jobs", json={"kind": "diagnose", "spec": spec})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "spec.source.job_id"
+    assert "is queued" in r.json()["error"]["message"]
+
+    with session_scope(pg_url) as s:
+        s.execute(update(Job).where(Job.id == job["id"]).values(state="succeeded"))
+    assert client.post("/v1/jobs", json={"kind": "diagnose", "spec": spec}).status_code == 201
+    r = other.post("/v1/jobs", json={"kind": "diagnose", "spec": spec})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "spec.source.job_id"
 
 
 LIMIT = 64 * 1024
