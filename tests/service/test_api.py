@@ -387,3 +387,20 @@ def test_readyz_is_200_with_database_and_broker_up(api_server: str) -> None:
     r = httpx.get(f"{api_server}/readyz")
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_unexpected_errors_are_a_generic_500_without_details(service_env: dict[str, str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(database_url=service_env["LDREG_DATABASE_URL"]))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
