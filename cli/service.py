@@ -119,6 +119,9 @@ def worker(
     sweeper: bool = typer.Option(
         True, "--sweeper/--no-sweeper", help="also run the stale-job sweeper"
     ),
+    hostname: str | None = typer.Option(
+        None, "--hostname", "-n", help="Celery node name (default: ldreg-QUEUES-PID@%h)"
+    ),
 ) -> None:
     """Run one Celery worker (prefork, one fresh child per job) and its sweeper."""
     from service.db import wait_for_database
@@ -141,13 +144,14 @@ def worker(
     from worker.celery_app import app
 
     sweeper_proc = sweeper_mod.start_process() if sweeper else None
+    nodename = hostname or f"ldreg-{'-'.join(names)}-{os.getpid()}@%h"
     argv = [
         "worker",
         f"--queues={','.join(names)}",
         f"--concurrency={concurrency}",
         "--pool=prefork",
         f"--loglevel={loglevel.upper()}",
-        f"--hostname=ldreg-{'-'.join(names)}-{os.getpid()}@%h",
+        f"--hostname={nodename}",
         # Worker-to-worker chatter we do not use; mingle also delays startup.
         "--without-gossip",
         "--without-mingle",

@@ -25,7 +25,6 @@ import math
 import os
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,16 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# Set by worker.celery_app in each forked child, before it preloads the training code:
+# whether torch was already in the process when it was forked. None outside Celery.
+TORCH_BEFORE_FORK: bool | None = None
+
+
 def assert_fresh_process() -> None:
     """CUDA must never be initialised in a process that forks. The worker's parent
-    never imports torch, and every job runs in a fresh child; if torch is already
-    loaded here, something imported it in the parent before the fork."""
-    if "torch" in sys.modules and os.environ.get("LDREG_ALLOW_TORCH_IN_PARENT") != "1":
+    never imports torch, and every job runs in a fresh child (which may preload torch
+    while idle); if torch was already loaded *at the fork*, the parent imported it."""
+    if TORCH_BEFORE_FORK:
         raise RuntimeError(
             "torch was imported before this worker process was forked; the worker's"
             " parent must not import torch (CUDA cannot survive a fork)"
