@@ -253,3 +253,14 @@ def test_importing_diagnose_does_not_import_torch():
     code = "import sys, ldreg.diagnose; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_global_metrics_on_a_row_sample_match_all_rows():
+    x = embedded_gaussian(4000, intrinsic=6, ambient=12, seed=7)
+    full = diagnose_embeddings(x, k=[5], estimators=["mle"], global_max_points=None)
+    part = diagnose_embeddings(x, k=[5], estimators=["mle"], global_max_points=1000)
+    assert full.summary()["global_metrics_points"] == 4000
+    assert part.summary()["global_metrics_points"] == 1000
+    assert part.effective_rank == pytest.approx(full.effective_rank, rel=0.03)
+    assert part.pca_dims == full.pca_dims
+    np.testing.assert_array_equal(part.lids[("mle", 5)], full.lids[("mle", 5)])
