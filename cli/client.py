@@ -58,6 +58,7 @@ ApiKey = Annotated[
     str | None,
     typer.Option("--api-key", envvar="LDREG_API_KEY", help="team API key", show_default=False),
 ]
+DISTANCE_KEYS = ("gmean_baseline", "gmean", "fisher_rao", "log_ratio", "wasserstein_log_lid")
 JobArg = Annotated[str, typer.Argument(help="job id", show_default=False)]
 
 out = Console(soft_wrap=True)
@@ -403,14 +404,24 @@ def metrics(
     for name, points in series.items():
         for p in sorted(points, key=lambda p: p.step):
             by_epoch.setdefault(p.epoch, {})[name] = p.value
-    table = Table()
-    table.add_column("epoch", justify="right")
+    # One row per series, the latest epochs as columns (as many as the terminal fits;
+    # every point: --csv).
+    console = out if out.is_terminal else Console(width=160)
+    name_width = max(len(n) for n in names)
+    fits = max(1, (console.width - name_width - 4) // 11)
+    epochs = sorted(by_epoch)[-fits:]
+    title = (
+        None if len(epochs) == len(by_epoch) else f"last {len(epochs)} of {len(by_epoch)} epochs"
+    )
+    table = Table(title=title)
+    table.add_column("series", no_wrap=True)
+    for epoch in epochs:
+        table.add_column(f"ep {epoch}", justify="right", no_wrap=True)
     for name in names:
-        table.add_column(name, justify="right")
-    for epoch in sorted(by_epoch):
-        row = by_epoch[epoch]
-        table.add_row(str(epoch), *[_fmt_value(row[n]) if n in row else "" for n in names])
-    out.print(table)
+        table.add_row(
+            name, *[_fmt_value(by_epoch[e][name]) if name in by_epoch[e] else "" for e in epochs]
+        )
+    console.print(table)
 
 
 def cancel(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
@@ -492,24 +503,54 @@ def compare(
 
 
 def _print_comparison(result: dict[str, Any]) -> None:
+    """Jobs as columns (the first is the baseline), then each job's LID distances to it."""
     jobs_ = result.get("jobs") or []
-    table = Table()
+    table = Table(title="first job = baseline")
     table.add_column("", style="bold")
     for j in jobs_:
         table.add_column(j.get("name") or j.get("id", "")[:12], justify="right")
-    table.add_row("id", *[j.get("id", "")[:12] for j in jobs_])
-    table.add_row("state", *[j.get("state", "") for j in jobs_])
+    job_models = [Job.model_validate(j) for j in jobs_]
+    table.add_row("id", *[j.id[:12] for j in job_models])
+    table.add_row("state", *[j.state for j in job_models])
+    table.add_row("kind", *[j.kind for j in job_models])
+    table.add_row("method", *[j.method or "-" for j in job_models])
+    table.add_row("LDReg", *[_ldreg_label(j) for j in job_models])
     finals = [_final_values(j) for j in jobs_]
     names = [n for n in KEY_METRICS if any(n in f for f in finals)]
-    names += sorted({n for f in finals for n in f} - set(names))
+    names += sorted({n for f in finals for n in f} - set(names) - {"epoch_seconds", "lr"})
     for name in names:
         table.add_row(name, *[_fmt_value(f[name]) if name in f else "" for f in finals])
+    lid_keys = sorted(
+        {(e, k) for j in jobs_ for e, by_k in (j.get("lid_gmean") or {}).items() for k in by_k},
+        key=lambda ek: (ek[0], int(ek[1])),
+    )
+    for e, k in lid_keys:
+        values = [((j.get("lid_gmean") or {}).get(e) or {}).get(k) for j in jobs_]
+        table.add_row(f"LID {e} k={k}", *[_fmt_value(v) if v is not None else "" for v in values])
     out.print(table)
+
+    rows = [(d["job_id"], x) for d in result.get("distances") or [] for x in d.get("lid") or []]
+    if rows:
+        names_by_id = {j.id: j.name or j.id[:12] for j in job_models}
+        dist = Table(title="LID distances to the baseline")
+        for col in ("job", "estimator", "k", "baseline", "LID", "Fisher-Rao", "ln ratio", "W1"):
+            dist.add_column(col, justify="left" if col in ("job", "estimator") else "right")
+        for job_id, x in rows:
+            dist.add_row(
+                names_by_id.get(job_id, job_id[:12]),
+                x["estimator"],
+                str(x["k"]),
+                *[
+                    _fmt_value(x.get(key)) if x.get(key) is not None else "-"
+                    for key in DISTANCE_KEYS
+                ],
+            )
+        out.print(dist)
 
 
 def _final_values(job: dict[str, Any]) -> dict[str, Any]:
-    """Final metric values of one job of a comparison: its summary's scalars, or the
-    last point of each series."""
+    """Final values of one job of a comparison: its summary's scalars (a diagnose
+    summary's nested LID tables are shown apart)."""
     values: dict[str, Any] = {}
     for name, points in (job.get("series") or {}).items():
         if points:

@@ -15,7 +15,7 @@ const ACTIVE = new Set(["queued", "running", "cancelling"]);
 const KINDS = ["pretrain", "diagnose"];
 // Metric names fixed by DESIGN.md; each group is one plot.
 const PLOTS = [
-  { id: "loss", title: "Loss terms", series: ["loss", "ssl_loss", "ldreg_loss"] },
+  { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"] },
   { id: "lid", title: "Geometric-mean LID (MLE, backbone features)", series: ["lid_gmean_k32", "lid_gmean_k512"] },
   { id: "rank", title: "Effective rank", series: ["effective_rank"] },
   { id: "acc", title: "Accuracy (kNN, linear probe)", series: ["knn_acc", "linear_probe_acc"] },
@@ -41,7 +41,7 @@ function h(tag, attrs = {}, ...children) {
     else if (value === true) el.setAttribute(name, "");
     else el.setAttribute(name, String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     el.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -217,6 +217,8 @@ function makeLineChart(figure, datasets, { xTitle = "epoch", yTitle = "" } = {})
       scales: {
         x: { type: "linear", title: { display: true, text: xTitle }, ticks: { precision: 0 } },
         y: { title: { display: Boolean(yTitle), text: yTitle } },
+        // A second axis for a term on another scale (the LDReg term next to the SSL loss).
+        y2: { position: "right", display: "auto", grid: { drawOnChartArea: false } },
       },
       plugins: { legend: { position: "bottom", labels: { boxWidth: 18 } } },
       elements: { point: { radius: 2.5 }, line: { borderWidth: 2 } },
@@ -444,9 +446,15 @@ function renderJob(view, jobId) {
   }
 
   function updateCharts() {
+    // A diagnosis has no training curves: its results are the Diagnosis section.
+    plotsSection.hidden = job.kind !== "pretrain" && !Object.keys(series).length;
+    if (plotsSection.hidden) return;
     if (!charts) setupCharts();
     for (const { plot, figure, chart } of charts) {
-      const datasets = plot.series.filter((n) => series[n]).map((n, i) => dataset(n, toXY(series[n]), i));
+      const datasets = plot.series.filter((n) => series[n]).map((n, i) => ({
+        ...dataset(n, toXY(series[n]), i),
+        yAxisID: (plot.rightAxis || []).includes(n) ? "y2" : "y",
+      }));
       setChartData(chart, figure, datasets);
     }
     const others = Object.keys(series).filter((n) => !PLOTTED.has(n) && !HIDDEN_SERIES.has(n)).sort();
@@ -718,26 +726,45 @@ function renderCompare(view, params) {
 function renderComparisonSummary(section, jobs, metrics, comparison) {
   const last = (pts) => (pts && pts.length ? pts.reduce((a, b) => (b.step >= a.step ? b : a)).value : undefined);
   const names = PLOTS.flatMap((p) => p.series).filter((n) => metrics.some((m) => m[n] && m[n].length));
+  // Geometric-mean LIDs as the compare endpoint reports them (pretrain: MLE lid_gmean_k*).
+  const lidRows = [];
+  if (comparison) {
+    const byId = Object.fromEntries(comparison.jobs.map((j) => [j.id, j.lid_gmean || {}]));
+    const keys = [...new Set(comparison.jobs.flatMap((j) => Object.entries(j.lid_gmean || {})
+      .flatMap(([e, byK]) => Object.keys(byK).map((k) => `${e}|${k}`))))];
+    keys.sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
+    for (const key of keys) {
+      const [e, k] = key.split("|");
+      lidRows.push([`LID gmean ${e} k=${k}`, jobs.map((j) => fmtNum(((byId[j.id] || {})[e] || {})[k]))]);
+    }
+  }
   const rows = [
     ["state", jobs.map((j) => stateBadge(j.state))],
     ["kind", jobs.map((j) => j.kind)],
     ["method", jobs.map(methodOf)],
     ["LDReg", jobs.map(ldregOf)],
-    ["epoch", jobs.map((j) => `${j.progress.epoch}/${j.progress.epochs}`)],
+    ["epoch", jobs.map((j) => (j.progress.epochs ? `${j.progress.epoch}/${j.progress.epochs}` : "–"))],
     ...names.map((n) => [`final ${n}`, metrics.map((m) => fmtNum(last(m[n])))]),
+    ...lidRows,
   ];
   const table = h("table", { id: "compare-table" },
+    h("caption", {}, comparison ? "The first job is the baseline." : ""),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, ""), jobs.map((j) => h("th", { scope: "col" }, h("a", { href: `#/jobs/${j.id}` }, jobTitle(j)))))),
     h("tbody", {}, rows.map(([label, values]) => h("tr", {}, h("th", { scope: "row" }, label), values.map((v) => h("td", {}, v))))));
-  const extra = [];
-  // Whatever else the compare endpoint reports (spec differences, LID distances, ...).
-  if (comparison) {
-    for (const [key, value] of Object.entries(comparison)) {
-      if (key === "jobs" || value === null || value === undefined) continue;
-      extra.push(h("details", {}, h("summary", {}, key.replace(/_/g, " ")), h("pre", { class: "spec mono" }, JSON.stringify(value, null, 2))));
-    }
+  const parts = [h("h2", { id: "cmp-sum-title" }, "Summary"), table];
+  const distances = comparison ? comparison.distances.flatMap((d) => d.lid.map((x) => ({ ...x, job_id: d.job_id }))) : [];
+  if (distances.length) {
+    const title = Object.fromEntries(jobs.map((j) => [j.id, jobTitle(j)]));
+    parts.push(h("h3", {}, "LID distances to the baseline"), h("table", { id: "compare-distances" },
+      h("thead", {}, h("tr", {}, ["job", "estimator", "k", "baseline LID", "LID", "Fisher–Rao", "ln ratio", "W1 (ln LID)"]
+        .map((c, i) => h("th", { scope: "col", class: i > 2 ? "num" : null }, c)))),
+      h("tbody", {}, distances.map((d) => h("tr", {},
+        h("td", {}, title[d.job_id] || d.job_id.slice(0, 12)), h("td", {}, d.estimator), h("td", {}, String(d.k)),
+        [d.gmean_baseline, d.gmean, d.fisher_rao, d.log_ratio, d.wasserstein_log_lid].map((v) => h("td", { class: "num" }, fmtNum(v))))))));
+    const defs = comparison.definitions || {};
+    parts.push(h("dl", { class: "definitions" }, Object.entries(defs).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
   }
-  section.replaceChildren(h("h2", { id: "cmp-sum-title" }, "Summary"), table, ...extra);
+  section.replaceChildren(...parts);
 }
 
 // Submit --------------------------------------------------------------------------------
