@@ -76,7 +76,7 @@ class RequestMetricsMiddleware:
     def _route_template(self, scope: Scope) -> str:
         route = scope.get("route")
         if route is not None and hasattr(route, "path"):
-            return route.path
+            return _with_prefix(route, scope.get("path", ""))
         endpoint = scope.get("endpoint")
         if endpoint is not None:  # a Mount (static files): label it by its prefix
             if self._mounts is None:
@@ -87,6 +87,24 @@ class RequestMetricsMiddleware:
                 }
             return self._mounts.get(id(endpoint), "<mount>")
         return "<unmatched>"
+
+
+def _with_prefix(route: Any, path: str) -> str:
+    """The route's template with the prefix it was included under.
+
+    FastAPI may hand over the route as declared (``/jobs/{job_id}``) even when it was
+    included with ``prefix="/v1"``; the prefix is then the part of the request path in
+    front of what the route's own pattern matches.
+    """
+    regex = getattr(route, "path_regex", None)
+    if regex is None or regex.fullmatch(path):
+        return route.path
+    start = path.find("/", 1)
+    while start != -1:
+        if regex.fullmatch(path[start:]):
+            return path[:start] + route.path
+        start = path.find("/", start + 1)
+    return route.path
 
 
 class ServiceStateCollector(Collector):
