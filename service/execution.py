@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, delete, func, literal, or_, select, update
@@ -34,6 +34,9 @@ from sqlalchemy.orm import Session
 from service.models import Artifact, Job, JobEvent, JobState, Metric, UTCDateTime, new_id, utcnow
 
 RUNNING_STATES = (JobState.RUNNING.value, JobState.CANCELLING.value)
+# ``enqueued_at`` value meaning "publish at the next sweep": a job handed back by a
+# worker that is shutting down must not be published while that worker still consumes.
+PUBLISH_ASAP = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -382,10 +385,13 @@ def requeue_for_retry(
 def release_job(
     *, session: Session, job_id: str, attempt: int, reason: str, now: datetime | None = None
 ) -> JobState | None:
-    """Hand a job back to the queue because this worker is shutting down (SIGTERM),
-    not because the job failed: the attempt does not count against ``max_attempts``.
-    Returns the new state (QUEUED, or CANCELLED if that was requested meanwhile), or
-    None if this attempt no longer owns the job. The caller publishes after commit."""
+    """Hand a running job back because this worker is shutting down (SIGTERM), not
+    because the job failed: the attempt does not count against ``max_attempts``.
+
+    Not published by the caller (this worker may still be consuming): the next sweep
+    of any live worker publishes it, and a starting worker sweeps at once. Returns the
+    new state (QUEUED, or CANCELLED if that was requested meanwhile), or None if this
+    attempt no longer owns the job."""
     now = now or utcnow()
     jobs = _lock(session, _fence(job_id, attempt))
     if not jobs:
@@ -395,10 +401,22 @@ def release_job(
         job.transition(JobState.CANCELLED, f"cancelled by request ({reason})", at=now)
         return JobState.CANCELLED
     job.max_attempts += 1
-    job.enqueued_at = now
+    job.enqueued_at = PUBLISH_ASAP
     job.transition(JobState.QUEUED, f"{reason}; will resume from the last checkpoint", at=now)
     session.flush()
     return JobState.QUEUED
+
+
+def hand_back(*, session: Session, job_id: str) -> bool:
+    """A message this worker accepted but will not run (it is shutting down): leave
+    the job queued and have the next sweep publish it again. True if it was queued."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+        .values(enqueued_at=PUBLISH_ASAP)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
 def sweep(

@@ -7,11 +7,15 @@ worker.tasks) may import torch. The child imports the training code inside the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 import threading
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from service.queue import celery_app
 from service.settings import get_settings
@@ -20,6 +24,26 @@ log = logging.getLogger(__name__)
 
 app = celery_app(get_settings())
 app.conf.include = ["worker.tasks"]
+
+# Shared memory created in the parent before any fork: children read it to learn that
+# the worker is shutting down (a message accepted during shutdown is handed back).
+SHUTTING_DOWN = multiprocessing.Value("b", 0, lock=False)
+
+
+@worker_shutting_down.connect
+def _hand_running_jobs_back(how: str = "Warm", **_: object) -> None:
+    """Warm shutdown (SIGTERM/SIGINT to the main process, e.g. ``docker stop``): tell
+    the children, so a running job stops at its next poll and goes back to the queue
+    instead of being killed when the grace period ends."""
+    SHUTTING_DOWN.value = 1
+    if how != "Warm":
+        return
+    from billiard.process import active_children
+
+    for child in active_children():
+        if child.pid and child.pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
 
 
 @worker_ready.connect

@@ -25,7 +25,8 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from service.execution import (
     ArtifactFile,
     claim_job,
     finish_job,
+    hand_back,
     release_job,
     requeue_for_retry,
     sync_artifacts,
@@ -86,14 +88,41 @@ def assert_fresh_process() -> None:
         )
 
 
-def run_job(job_id: str, settings: Settings, *, worker_name: str | None = None) -> str:
+# Set by SIGTERM while this process runs a job (one job per process).
+SHUTDOWN = threading.Event()
+
+
+def run_job(
+    job_id: str,
+    settings: Settings,
+    *,
+    worker_name: str | None = None,
+    worker_shutting_down: Callable[[], bool] = lambda: False,
+) -> str:
     """Run ``job_id`` if it is ours to run; returns what happened (for logs and tests):
-    ``skipped``, ``succeeded``, ``failed``, ``cancelled``, ``queued`` or ``lost``."""
+    ``skipped``, ``handed_back``, ``succeeded``, ``failed``, ``cancelled``, ``queued``
+    or ``lost``."""
+    with _sigterm_sets(SHUTDOWN):
+        return _run_job(job_id, settings, worker_name, worker_shutting_down)
+
+
+def _run_job(
+    job_id: str,
+    settings: Settings,
+    worker_name: str | None,
+    worker_shutting_down: Callable[[], bool],
+) -> str:
     from worker.sink import DatabaseSink, HeartbeatThread, Lease
 
     configure_logging("worker")  # JSON lines from the job's process (one per job)
     worker_name = worker_name or default_worker_name()
     url = settings.database_url
+    if worker_shutting_down() or SHUTDOWN.is_set():
+        # Accepted while the worker shuts down: do not start it here.
+        with session_scope(url) as s:
+            hand_back(session=s, job_id=job_id)
+        log.info("job %s: worker shutting down; left queued for another worker", job_id)
+        return "handed_back"
     with session_scope(url) as s:
         attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
         job = s.get(Job, job_id) if attempt is not None else None
@@ -109,12 +138,13 @@ def run_job(job_id: str, settings: Settings, *, worker_name: str | None = None) 
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
 
     lease = Lease(settings, job_id, attempt)
+    lease.shutdown_requested = SHUTDOWN
     beat = HeartbeatThread(lease)
     beat.start()
     sink = DatabaseSink(lease)
     run_dir = settings.job_dir(job_id)
     try:
-        with _sigterm_stops(lease), _job_log(run_dir, attempt):
+        with _job_log(run_dir, attempt):
             summary = _execute(kind, spec_data, settings, run_dir, sink)
     except TrainingCancelled as exc:
         return _stopped(lease, run_dir, str(exc))
@@ -187,7 +217,9 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
                 attempt=lease.attempt,
                 reason="worker shutting down (SIGTERM); handed back to the queue",
             )
-        return _after_requeue(lease, state)
+        # Not published from here (this worker may still be consuming); the next
+        # sweep of any live worker publishes it.
+        return "lost" if state is None else state.value
     # The lease expired: the database was unreachable for too long. If it is back, hand
     # the job back now; if not, the sweeper will once the heartbeat is found stale.
     try:
@@ -317,11 +349,12 @@ def _json_safe(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _sigterm_stops(lease: Any) -> Iterator[None]:
-    """While a job runs, SIGTERM (docker stop, a rolling deploy) stops training at the
-    next poll and hands the job back, instead of killing the process mid-step."""
+def _sigterm_sets(event: threading.Event) -> Iterator[None]:
+    """While a job runs, SIGTERM (docker stop, a rolling deploy; the worker's main
+    process forwards it) sets ``event``: training stops at the next poll and the job is
+    handed back, instead of the process dying mid-step."""
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: lease.shutdown_requested.set())
+        previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
     except ValueError:  # not the main thread (e.g. a thread pool): nothing to install
         yield
         return

@@ -1,0 +1,221 @@
+"""End to end through real processes: HTTP API (uvicorn) → Redis → Celery worker → PostgreSQL.
+
+A team submits a small LDReg pretraining job over HTTP; a real ``ldreg worker`` runs
+it; the API then shows its metrics, events and artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import LDREG, free_port
+from sqlalchemy import select
+
+from service.db import session_scope
+from service.models import Job, JobEvent
+from service.queue import enqueue_job
+from service.settings import Settings
+
+pytestmark = pytest.mark.service
+
+FIXED_METRICS = {
+    "loss",
+    "ssl_loss",
+    "ldreg_loss",
+    "lid_gmean_k8",
+    "lid_gmean_k32",
+    "effective_rank",
+    "knn_acc",
+    "linear_probe_acc",
+}
+
+
+def tiny_spec(epochs: int = 3, **overrides) -> dict:
+    """A pretrain spec that trains in seconds on one CPU core."""
+    spec = {
+        "method": "simclr",
+        "backbone": "resnet18",
+        "width": 8,
+        "dataset": {"name": "digits", "image_size": 8},
+        "epochs": epochs,
+        "batch_size": 128,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "ldreg": {"alpha": 0.01, "k": 16, "warmup_epochs": 1},
+        "eval": {"lid_k": [8, 32], "knn_k": [5], "max_samples": 300},
+        "seed": 0,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def submit(client: httpx.Client, spec: dict, name: str = "test") -> str:
+    r = client.post("/v1/jobs", json={"kind": "pretrain", "name": name, "spec": spec})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def wait_for(
+    client: httpx.Client,
+    job_id: str,
+    done: Callable[[dict], bool],
+    *,
+    timeout: float = 150.0,
+    worker=None,
+) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"worker exited:\n{worker.log()[-4000:]}")
+        time.sleep(0.25)
+    logs = worker.log()[-6000:] if worker is not None else ""
+    raise AssertionError(f"timed out; job is {job}\n{logs}")
+
+
+def finished(job: dict) -> bool:
+    return job["state"] in ("succeeded", "failed", "cancelled")
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict]:
+    return client.get(f"/v1/jobs/{job_id}/events").json()["events"]
+
+
+def test_submit_run_and_inspect_a_pretrain_job_delivered_three_times(
+    client: httpx.Client, start_worker, service_env: dict[str, str], pg_url: str
+) -> None:
+    job_id = submit(client, tiny_spec(epochs=3))
+    # The API published the id once; the broker delivers it twice more (a re-publish
+    # by the sweeper, a redelivery after a lost connection...). One execution only.
+    settings = Settings(**_settings_kwargs(service_env))
+    enqueue_job(settings, job_id, "cpu")
+    enqueue_job(settings, job_id, "cpu")
+    worker = start_worker()
+    job = wait_for(client, job_id, finished, worker=worker)
+    assert job["state"] == "succeeded", job
+    assert job["attempt"] == 1 and job["error"] is None
+    assert job["progress"]["epoch"] == job["progress"]["epochs"] == 3
+    assert job["summary"]["knn_acc"] > 0.1 and "lid_gmean_k32" in job["summary"]
+
+    series = client.get(f"/v1/jobs/{job_id}/metrics").json()["series"]
+    assert set(series) >= FIXED_METRICS, sorted(series)
+    for name in FIXED_METRICS:
+        points = series[name]
+        # One point per epoch, at the global step that ends it.
+        assert [p["epoch"] for p in points] == [1, 2, 3], (name, points)
+        assert len({p["step"] for p in points}) == 3
+    # LDReg is off during its one warm-up epoch and on afterwards.
+    ldreg = [p["value"] for p in series["ldreg_loss"]]
+    assert ldreg[0] == 0.0 and ldreg[1] < 0.0
+
+    evs = events(client, job_id)
+    assert [(e["from_state"], e["to_state"], e["attempt"]) for e in evs] == [
+        (None, "queued", 0),
+        ("queued", "running", 1),
+        ("running", "succeeded", 1),
+    ]
+
+    artifacts = {
+        a["name"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["artifacts"]
+    }
+    assert "backbone.pt" in artifacts and "checkpoints/epoch_0003.pt" in artifacts
+    r = client.get(f"/v1/jobs/{job_id}/artifacts/backbone.pt")
+    assert r.status_code == 200 and len(r.content) == artifacts["backbone.pt"]["size"]
+
+    # Both extra messages were consumed as no-ops.
+    deadline = time.monotonic() + 30
+    while worker.log().count("not claimable") < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert worker.log().count("not claimable") == 2, worker.log()[-3000:]
+
+    # The Celery parent never loaded torch (CUDA must not be initialised before a
+    # fork); the job ran in a child that did.
+    maps = Path(f"/proc/{worker.pid}/maps").read_text()
+    assert "libtorch" not in maps
+    with session_scope(pg_url) as s:
+        ran_in = s.get(Job, job_id).worker
+    assert ran_in.startswith(f"ldreg-cpu-{worker.pid}@") and ran_in.rsplit(":", 1)[1] != str(
+        worker.pid
+    )
+
+
+def _settings_kwargs(env: dict[str, str]) -> dict:
+    return {
+        "database_url": env["LDREG_DATABASE_URL"],
+        "broker_url": env["LDREG_BROKER_URL"],
+        "home": Path(env["LDREG_HOME"]),
+    }
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Pids of live processes whose environment contains ``entry``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if entry.encode() in environ and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
+    """`ldreg serve --demo` (the README's first command) on SQLite and the filesystem
+    broker: it prints a working key and job URL, runs the job, and Ctrl-C stops every
+    process it started, handing the running job back to the queue."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDREG_")}
+    env.update(LDREG_HOME=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [LDREG, "serve", "--port", str(port), "--demo"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "serving; press Ctrl-C" not in log.read_text(errors="replace"):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        text = log.read_text()
+        key = re.search(r"API key:\s+(\S+)", text).group(1)
+        url = re.search(r"(http://127\.0\.0\.1:\d+/v1/jobs/\w+)", text).group(1)
+        with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+            while (job := c.get(url).json())["progress"]["epoch"] < 1:
+                assert time.monotonic() < deadline + 120, (job, log.read_text()[-4000:])
+                assert job["state"] in ("queued", "running"), job
+                time.sleep(0.5)
+        assert job["spec"]["ldreg"]["k"] == 32 and job["spec"]["epochs"] == 5
+
+        serve.send_signal(signal.SIGINT)  # Ctrl-C
+        assert serve.wait(60) == 0
+        # Every process serve started is gone (API, worker, its child, the sweeper).
+        time.sleep(1)
+        assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
+        with session_scope(f"sqlite:///{tmp_path / 'ldreg.sqlite'}") as s:
+            job_row = s.get(Job, job["id"])
+            last = s.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_row.id).order_by(JobEvent.id.desc())
+            ).first()
+            assert job_row.state == "queued", (job_row.state, last.reason)
+            assert "shutting down" in last.reason
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
