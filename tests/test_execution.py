@@ -23,8 +23,10 @@ from service.execution import (
     add_artifact,
     claim_job,
     finish_job,
+    hand_back,
     heartbeat,
     record_metrics,
+    release_job,
     requeue_for_retry,
     sweep,
 )
@@ -334,3 +336,33 @@ def test_requeue_for_retry_counts_attempts(db: str) -> None:
     job = get_job(db, job_id)
     assert job.error_code == "out_of_memory"
     assert "out of memory" in job.error_message and "2 of 2" in job.error_message
+
+
+def test_release_on_shutdown_keeps_the_attempt_budget_and_next_sweep_publishes(db: str) -> None:
+    job_id = new_job(db, max_attempts=3)
+    a = claim(db, job_id)
+    with session_scope(db) as s:
+        state = release_job(session=s, job_id=job_id, attempt=a, reason="worker shutting down")
+    assert state == "queued"
+    job = get_job(db, job_id)
+    assert (job.state, job.max_attempts) == ("queued", 4)
+    with session_scope(db) as s:
+        r = sweep(session=s, stale_after=timedelta(seconds=30), requeue_after=timedelta(hours=1))
+    assert (job_id, "cpu") in r.republish
+    # A stale attempt cannot release what it no longer owns.
+    assert claim(db, job_id) == 2
+    with session_scope(db) as s:
+        assert release_job(session=s, job_id=job_id, attempt=a, reason="late") is None
+
+
+def test_hand_back_only_touches_queued_jobs(db: str) -> None:
+    queued = new_job(db)
+    running = new_job(db)
+    claim(db, running)
+    with session_scope(db) as s:
+        assert hand_back(session=s, job_id=queued) is True
+        assert hand_back(session=s, job_id=running) is False
+    with session_scope(db) as s:
+        r = sweep(session=s, stale_after=timedelta(seconds=30), requeue_after=timedelta(hours=1))
+    published = [jid for jid, _ in r.republish]
+    assert queued in published and running not in published
