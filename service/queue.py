@@ -78,7 +78,8 @@ def _config(settings: Settings) -> dict:
         # processes are busy, so a queued job never waits behind a long one on a
         # busy worker while another worker idles.
         "worker_prefetch_multiplier": 1,
-        "worker_disable_prefetch": True,
+        # (Redis only; other transports log a warning and ignore it.)
+        "worker_disable_prefetch": settings.broker_url.startswith(("redis://", "rediss://")),
         # One job per child process: the child exits after its job, which releases
         # all GPU memory; the next job gets a freshly forked child from a parent that
         # never imported torch (so CUDA is never initialised before a fork).
