@@ -58,7 +58,7 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, { method = "GET", json, raw = false } = {}) {
+async function api(path, { method = "GET", json, raw = false, signOutOn401 = true } = {}) {
   const headers = { Accept: "application/json" };
   if (session.key) headers.Authorization = `Bearer ${session.key}`;
   let body;
@@ -79,7 +79,7 @@ async function api(path, { method = "GET", json, raw = false } = {}) {
     } catch (_) { /* not JSON */ }
     const err = new ApiError(response.status, error.code || `http_${response.status}`,
       error.message || response.statusText, error.field, error.details);
-    if (response.status === 401) signOut(`Signed out: ${err.message}`);
+    if (response.status === 401 && signOutOn401) signOut(`Signed out: ${err.message}`);
     throw err;
   }
   if (raw) return response;
@@ -303,7 +303,7 @@ function renderSignIn(view) {
     if (!key) return;
     session.key = key;
     try {
-      await api("/v1/jobs?limit=1");
+      await api("/v1/jobs?limit=1", { signOutOn401: false });
     } catch (err) {
       session.key = null;
       error.textContent = err.status === 401 ? "That key was not accepted." : err.message;

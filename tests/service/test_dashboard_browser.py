@@ -1,0 +1,268 @@
+"""The dashboard in a real headless browser (Debian's chromium + chromedriver, driven
+by selenium) against the real API, PostgreSQL, Redis and a Celery worker.
+
+One flow, as a user would go: sign in with a team key, see the job list, open a
+running pretrain job and watch its plot gain points, cancel it and see the state turn
+cancelled, compare it with a second job, look at a diagnosis, get a field error from
+the submit form. Screenshots of each page go to docs/screenshots/ (committed, linked
+from the README).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ServiceProcess
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+from sqlalchemy import update
+
+from service.db import session_scope
+from service.models import ACTIVE_STATES, Job, utcnow
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# Small enough for a CPU: a few seconds per epoch on digits at 8x8 pixels.
+SMALL = {
+    "method": "simclr",
+    "backbone": "resnet18",
+    "width": 8,
+    "dataset": {"name": "digits", "image_size": 8},
+    "epochs": 6,
+    "batch_size": 64,
+    "ldreg": {"alpha": 0.01, "k": 16, "warmup_epochs": 1},
+    "eval": {"lid_k": [32, 512], "max_samples": 600, "knn_k": [20]},
+}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        # Debian's packages only; never a downloaded browser build.
+        subprocess.run(["bash", str(ROOT / "scripts" / "ensure-browser.sh")], check=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--window-size=1366,900",  # a laptop
+    ):
+        options.add_argument(flag)
+    # An explicit driver path: selenium never tries to fetch one.
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def cancel_leftover_jobs(pg_url: str) -> None:
+    """Jobs earlier tests left queued would run ahead of ours on the one worker."""
+    with session_scope(pg_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.state.in_([st.value for st in ACTIVE_STATES]))
+            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
+
+
+def wait(driver, condition: Callable, timeout: float, what: str):
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException]
+    ).until(lambda d: condition(d), message=f"timed out waiting for {what}")
+
+
+# Read through JavaScript in one call: the page re-renders its rows every poll, so an
+# element found by one WebDriver call may be gone by the next.
+def listed_ids(driver) -> list[str]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#job-rows tr[data-job-id]')]"
+        ".map(r => r.dataset.jobId)"
+    )
+
+
+def row_texts(driver) -> dict[str, str]:
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#job-rows tr[data-job-id]')]"
+        ".map(r => [r.dataset.jobId, r.innerText]))"
+    )
+
+
+def row_state(driver, job_id: str) -> str | None:
+    return driver.execute_script(
+        "const r = document.querySelector(`tr[data-job-id='${arguments[0]}']`);"
+        "return r ? r.dataset.state : null",
+        job_id,
+    )
+
+
+def page_state(driver) -> str | None:
+    return driver.execute_script(
+        "const b = document.querySelector(\"dd[data-field='state'] [data-state]\");"
+        "return b ? b.dataset.state : null"
+    )
+
+
+def points(driver, chart_id: str) -> int:
+    return driver.execute_script(
+        "const f = document.getElementById(arguments[0]);"
+        "return f ? Number(f.dataset.points || 0) : 0",
+        chart_id,
+    )
+
+
+def screenshot(driver, name: str, full_page: bool = True) -> None:
+    """A PNG of the page at laptop width (the whole page's height when asked)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    if full_page:
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1366, min(max(900, height + 20), 4000))
+        time.sleep(0.4)  # charts resize to the new viewport
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    driver.set_window_size(1366, 900)
+
+
+def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
+    browser: webdriver.Chrome,
+    api_server: str,
+    team_key: str,
+    pg_url: str,
+    tmp_path: Path,
+    start_worker: Callable[..., ServiceProcess],
+) -> None:
+    cancel_leftover_jobs(pg_url)
+    api = httpx.Client(
+        base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
+    )
+    # A diagnosis (quick: done before the first pretrain epoch ends), then the LDReg
+    # run we follow live, then its baseline without LDReg for the comparison.
+    rng = np.random.default_rng(0)
+    emb = tmp_path / "embeddings.npy"
+    np.save(emb, (rng.standard_normal((600, 6)) @ rng.standard_normal((6, 48))).astype("f4"))
+    with open(emb, "rb") as f:
+        upload = api.post("/v1/uploads", files={"file": ("embeddings.npy", f)}).json()
+    diag_spec = {"source": {"upload_id": upload["id"]}, "k": [16, 64]}
+    diag = api.post(
+        "/v1/jobs", json={"kind": "diagnose", "name": "embeddings.npy", "spec": diag_spec}
+    ).json()
+    ldreg = api.post(
+        "/v1/jobs", json={"kind": "pretrain", "name": "simclr+ldreg", "spec": SMALL}
+    ).json()
+    base = api.post(
+        "/v1/jobs",
+        json={"kind": "pretrain", "name": "simclr baseline", "spec": {**SMALL, "ldreg": None}},
+    ).json()
+    start_worker()
+    d = browser
+
+    # Sign in: a wrong key is refused next to the field; the right one is kept in
+    # sessionStorage only.
+    d.get(f"{api_server}/")
+    key_input = wait(d, lambda d: d.find_element(By.ID, "api-key"), 10, "the sign-in form")
+    screenshot(d, "sign-in", full_page=False)
+    key_input.send_keys("ldr_wrong")
+    d.find_element(By.ID, "sign-in").click()
+    wait(d, lambda d: "not accepted" in d.find_element(By.ID, "signin-error").text, 10, "refusal")
+    key_input.clear()
+    key_input.send_keys(team_key)
+    d.find_element(By.ID, "sign-in").click()
+    wait(d, lambda d: ldreg["id"] in listed_ids(d), 15, "the job list")
+    storage = d.execute_script(
+        "return [sessionStorage.getItem('ldreg.apiKey'), localStorage.length, document.cookie]"
+    )
+    assert storage == [team_key, 0, ""]
+
+    # The list shows all three jobs, newest first, with kind, method and LDReg switch.
+    assert listed_ids(d) == [base["id"], ldreg["id"], diag["id"]]
+    texts = row_texts(d)
+    assert "simclr" in texts[ldreg["id"]] and "on (α=0.01)" in texts[ldreg["id"]]
+    assert "off" in texts[base["id"]] and "diagnose" in texts[diag["id"]]
+
+    # The LDReg job starts running; the list updates itself (no reload).
+    wait(d, lambda d: row_state(d, ldreg["id"]) == "running", 120, "the LDReg job to run")
+    wait(d, lambda d: row_state(d, diag["id"]) == "succeeded", 30, "the diagnosis")
+    # The state filter narrows the list.
+    Select(d.find_element(By.ID, "filter-state")).select_by_value("running")
+    wait(d, lambda d: listed_ids(d) == [ldreg["id"]], 10, "the filtered list")
+    Select(d.find_element(By.ID, "filter-state")).select_by_value("")
+    wait(d, lambda d: len(listed_ids(d)) == 3, 10, "the unfiltered list")
+
+    # Open the running job: its loss plot gains points while we watch.
+    d.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{ldreg['id']}'] a").click()
+    wait(d, lambda d: points(d, "chart-loss") >= 1, 150, "the first epoch's points")
+    first = points(d, "chart-loss")
+    wait(d, lambda d: points(d, "chart-loss") > first, 150, "the plot to update")
+    assert points(d, "chart-lid") >= 2 and points(d, "chart-rank") >= 1
+    progress = d.find_element(By.CSS_SELECTOR, "dd[data-field='progress'] progress")
+    assert int(progress.get_attribute("value")) >= 1 and progress.get_attribute("max") == "6"
+    screenshot(d, "job-running")
+
+    # Cancel: the state turns cancelled in the page, the timeline shows why.
+    d.find_element(By.ID, "cancel-job").click()
+    wait(d, lambda d: page_state(d) == "cancelled", 60, "the job to be cancelled")
+    wait(d, lambda d: "→ cancelled" in d.find_element(By.ID, "events").text, 10, "the event")
+    assert d.find_element(By.ID, "retry-job").is_enabled()
+    assert not d.find_element(By.ID, "cancel-job").is_enabled()
+    assert api.get(f"/v1/jobs/{ldreg['id']}").json()["state"] == "cancelled"
+
+    # Compare the two pretrain jobs from the list; the baseline's curve appears once
+    # the worker has moved on to it.
+    d.get(f"{api_server}/#/jobs")
+    wait(d, lambda d: len(listed_ids(d)) == 3, 10, "the job list")
+    for job in (ldreg, base):
+        box = f"tr[data-job-id='{job['id']}'] input[type=checkbox]"
+        d.find_element(By.CSS_SELECTOR, box).click()
+    d.find_element(By.ID, "compare-selected").click()
+    wait(d, lambda d: d.find_elements(By.ID, "compare-table"), 20, "the comparison")
+    header = d.find_element(By.CSS_SELECTOR, "#compare-table thead").text
+    assert "simclr+ldreg" in header and "simclr baseline" in header
+    # One plot per metric, one curve per job: the cancelled run's epochs are there.
+    wait(d, lambda d: points(d, "chart-cmp-loss") >= 2, 10, "the LDReg run's loss curve")
+    cancelled_points = points(d, "chart-cmp-loss")
+    # Two epochs of the baseline, so its curve is a line next to the LDReg run's.
+    wait(d, lambda d: points(d, "chart-cmp-loss") >= cancelled_points + 2, 180, "the baseline")
+    screenshot(d, "compare")
+    api.post(f"/v1/jobs/{base['id']}/cancel")
+
+    # The diagnosis: LID table, collapse fraction and the histogram from its artifact.
+    d.get(f"{api_server}/#/jobs/{diag['id']}")
+    wait(d, lambda d: points(d, "chart-histogram") > 0, 20, "the LID histogram")
+    table = d.find_element(By.ID, "diagnosis-table").text
+    assert "LID k=16" in table and "collapsed k=64" in table and "%" in table
+    screenshot(d, "diagnosis")
+
+    # Submit form: the server's field error appears next to that field.
+    d.get(f"{api_server}/#/submit")
+    epochs = wait(d, lambda d: d.find_element(By.ID, "f-spec-epochs"), 10, "the submit form")
+    epochs.clear()
+    epochs.send_keys("0")
+    d.find_element(By.ID, "submit-job").click()
+    wait(d, lambda d: d.find_element(By.ID, "f-spec-epochs-error").text, 10, "the field error")
+    assert "greater than or equal to 1" in d.find_element(By.ID, "f-spec-epochs-error").text
+    assert epochs.get_attribute("aria-invalid") == "true"
+    screenshot(d, "submit-validation", full_page=False)
+
+    d.get(f"{api_server}/#/jobs")
+    wait(d, lambda d: len(listed_ids(d)) == 3, 10, "the job list")
+    screenshot(d, "jobs", full_page=False)
+    api.close()
