@@ -1,21 +1,279 @@
-"""Local commands: train or measure on this machine, no service involved."""
+"""Local commands: train or measure on this machine, no service involved.
+
+torch and the science library are imported inside the commands: ``cli.main`` is also
+the entry point of ``ldreg api``, which must start without loading torch.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Columns of the per-epoch table, in order; others are kept in the run's checkpoints.
+EPOCH_COLUMNS = (
+    "loss",
+    "ssl_loss",
+    "ldreg_loss",
+    "knn_acc",
+    "linear_probe_acc",
+    "lid_gmean_k32",
+    "lid_gmean_k512",
+    "effective_rank",
+    "epoch_seconds",
+)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def load_spec_file(path: Path):
+    """Parse a YAML/JSON pretrain spec; pydantic errors become ``field: reason`` lines."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ldreg.spec import PretrainSpec
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        _fail(f"spec file not found: {path}")
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"cannot read spec {path}: {e}")
+    if not isinstance(raw, dict):
+        _fail(f"spec {path} must be a mapping of fields, found {type(raw).__name__}")
+    try:
+        return PretrainSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(spec)"
+            reason = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {field}: {reason}")
+        _fail(f"invalid spec {path}:\n" + "\n".join(lines))
+
+
+class ConsoleSink:
+    """Draws a progress bar over all steps and prints one line per finished epoch.
+
+    The first Ctrl-C asks training to stop at its next poll (the last checkpoint is
+    kept, so the same command with ``--run-dir`` resumes); a second one aborts.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+        self.epochs = 0
+        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.stop_requested = False
+
+    def on_train_start(self, *, start_epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        self.epochs = epochs
+        done = (start_epoch - 1) * steps_per_epoch
+        if start_epoch > 1:
+            self.console.print(f"resuming at epoch {start_epoch} of {epochs}")
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train",
+            total=epochs * steps_per_epoch,
+            completed=done,
+            epoch=min(start_epoch, epochs),
+            epochs=epochs,
+            loss="-",
+        )
+
+    def on_step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.progress.update(self.task, completed=step, epoch=epoch, loss=_fmt(metrics.get("loss")))
+
+    def on_epoch_end(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append((epoch, dict(metrics)))
+        cells = "  ".join(
+            f"{name} {_fmt(metrics[name])}" for name in EPOCH_COLUMNS if name in metrics
+        )
+        self.progress.console.print(f"epoch {epoch}/{self.epochs}  {cells}", highlight=False)
+
+    def on_checkpoint(self, *, epoch: int, path: Path) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def close(self) -> None:
+        self.progress.stop()
+
+    def table(self) -> Table:
+        table = Table(title="per-epoch metrics")
+        table.add_column("epoch", justify="right")
+        shown = [c for c in EPOCH_COLUMNS if any(c in m for _, m in self.rows)]
+        for name in shown:
+            table.add_column(name, justify="right")
+        for epoch, m in self.rows:
+            table.add_row(str(epoch), *(_fmt(m.get(name)) for name in shown))
+        return table
 
 
 def pretrain(
-    spec_file: Path = typer.Argument(..., help="pretrain spec (YAML or JSON)"),
+    spec_file: Annotated[Path, typer.Argument(help="pretrain spec (YAML or JSON)")],
+    devices: Annotated[
+        int | None, typer.Option("--devices", min=1, help="processes (GPUs) to train on")
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="checkpoints and backbone.pt go here; an existing run resumes"),
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="dataset paths resolve under it (default: $LDREG_DATA_ROOT or .)"),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if any)")] = None,
 ) -> None:
     """Train locally with a progress bar and print per-epoch metrics."""
-    raise typer.Exit(code=2)
+    spec = load_spec_file(spec_file)
+    if devices is not None:
+        from pydantic import ValidationError
+
+        try:
+            spec = type(spec).model_validate({**spec.model_dump(), "devices": devices})
+        except ValidationError as e:
+            _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+    if device is not None and device not in ("cpu", "cuda"):
+        _fail(f"--device must be 'cpu' or 'cuda', found '{device}'")
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{spec_file.stem}-{stamp}"
+    if data_root is None:
+        data_root = Path(os.environ.get("LDREG_DATA_ROOT", "."))
+
+    from ldreg.errors import LDRegError, TrainingCancelled, UserError
+    from ldreg.train import pretrain as run_pretrain
+
+    sink = ConsoleSink(console)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if sink.stop_requested:
+            raise KeyboardInterrupt
+        sink.stop_requested = True
+        console.print("stopping at the next step (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    console.print(f"run directory: {run_dir}")
+    started = time.perf_counter()
+    try:
+        summary = run_pretrain(spec, run_dir=run_dir, data_root=data_root, sink=sink, device=device)
+    except TrainingCancelled as e:
+        sink.close()
+        _fail(f"{e.message}; resume with --run-dir {run_dir}", code=130)
+    except UserError as e:
+        sink.close()
+        _fail(f"{e.message} [{e.code}]")
+    except LDRegError as e:
+        sink.close()
+        _fail(f"{e.message} [{e.code}]", code=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sink.close()
+    if sink.rows:
+        console.print(sink.table())
+    console.print(f"done in {time.perf_counter() - started:.1f}s; backbone: {run_dir}/backbone.pt")
+    console.print("summary: " + json.dumps({k: round(v, 6) for k, v in summary.items()}))
 
 
 def lid(
-    embeddings: Path = typer.Argument(..., help=".npy file of shape (N, D)"),
+    embeddings: Annotated[Path, typer.Argument(help=".npy file of shape (N, D)")],
+    k: Annotated[
+        list[int] | None, typer.Option("--k", help="neighbourhood size; repeatable")
+    ] = None,
+    estimator: Annotated[
+        list[str] | None, typer.Option("--estimator", help="mle, mom or tle; repeatable")
+    ] = None,
 ) -> None:
-    """Report LID and effective rank of an embedding matrix."""
-    raise typer.Exit(code=2)
+    """Report LID (geometric mean per estimator and k) and effective rank of embeddings."""
+    import numpy as np
+
+    try:
+        array = np.load(embeddings, allow_pickle=False)
+    except FileNotFoundError:
+        _fail(f"file not found: {embeddings}")
+    except (OSError, ValueError) as e:
+        _fail(f"{embeddings} is not a readable .npy array (object arrays are refused): {e}")
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        shape = getattr(array, "shape", None)
+        _fail(f"embeddings must be a 2-D array (N, D), found shape {shape}")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        _fail(f"embeddings must be real numbers, found dtype {array.dtype}")
+    n = array.shape[0]
+    if n < 3:
+        _fail(f"need at least 3 points, found {n}")
+    if not np.isfinite(array).all():
+        _fail(f"embeddings contain {int((~np.isfinite(array)).sum())} NaN/inf values")
+    estimators = estimator or ["mle", "mom"]
+    for name in estimators:
+        if name not in ("mle", "mom", "tle"):
+            _fail(f"--estimator must be mle, mom or tle, found '{name}'")
+    if k:
+        for value in k:
+            if not 2 <= value < n:
+                _fail(f"--k {value} must be between 2 and {n - 1} (N - 1 for N={n} points)")
+        ks = list(dict.fromkeys(k))
+    else:
+        ks = sorted({min(v, n - 1) for v in (32, 64, 512)})
+
+    import torch
+
+    from ldreg.lid import geometric_mean, lid_mle, lid_mom, lid_tle
+    from ldreg.rank import effective_rank
+
+    functions = {"mle": lid_mle, "mom": lid_mom, "tle": lid_tle}
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    table = Table(title=f"LID of {embeddings.name}: {n} points, {array.shape[1]} dims")
+    table.add_column("estimator")
+    for value in ks:
+        table.add_column(f"k={value}", justify="right")
+    for name in estimators:
+        cells = [f"{geometric_mean(functions[name](x, k=value)):.4f}" for value in ks]
+        table.add_row(name, *cells)
+    console.print(table)
+    console.print("values: geometric mean of the per-point LIDs")
+    console.print(f"effective rank: {float(effective_rank(x)):.4f}")

@@ -1,0 +1,182 @@
+"""What every SSL method shares: its output, the MLP heads, and the EMA target update.
+
+A method is an ``nn.Module`` built from ``(spec, backbone, feat_dim)``. Its ``forward``
+takes two augmented views and returns a :class:`MethodOutput`; the training loop adds
+the LDReg term to ``output.loss`` in the same way for every method, reading the
+regularized tensor from ``output.features`` (or ``output.projections``) and the
+reference set from those rows plus ``output.extra_reference``.
+
+Usage::
+
+    method = build_method(spec, backbone, feat_dim)
+    out = method(view1, view2)          # out.loss, out.features (2B, D), ...
+    out.loss.backward(); optimizer.step()
+    method.update_target(step=s, total_steps=S)   # EMA methods only
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ldreg import distributed
+from ldreg.spec import PretrainSpec
+
+
+@dataclass
+class MethodOutput:
+    """One training step of a method.
+
+    Attributes:
+        loss: the method's own SSL loss (a scalar to back-propagate).
+        features: backbone features of both views, ``(2B, D)``, view 1's rows first —
+            what LDReg regularizes by default and what the online probe reads (detached).
+        projections: the projector's outputs for both views, ``(2B, P)``, or ``None``
+            when the method has no projector (MAE).
+        extra_reference: detached tensors that join the LDReg reference set, keyed by
+            target (``"features"`` / ``"projections"``); BYOL puts its target
+            encoder's outputs here as the authors' code does.
+    """
+
+    loss: Tensor
+    features: Tensor
+    projections: Tensor | None
+    extra_reference: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SSLMethod(nn.Module):
+    """Base class of the SSL methods.
+
+    Attributes:
+        name: registry name (``simclr``, ``byol``, ...).
+        augmentation: the two-view pipeline it trains on (``make_ssl_loader`` ``kind``).
+        backbone: the online encoder; the one evaluated and saved.
+        feat_dim: width of ``backbone``'s features.
+    """
+
+    name: ClassVar[str]
+    augmentation: ClassVar[str] = "simclr"
+
+    def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+
+    def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_target(self, *, step: int, total_steps: int) -> None:
+        """Called after every optimizer step; EMA methods move their target here."""
+
+
+def check_views(view1: Tensor, view2: Tensor) -> None:
+    if view1.shape != view2.shape:
+        raise ValueError(
+            f"the two views must have the same shape, found {tuple(view1.shape)}"
+            f" and {tuple(view2.shape)}"
+        )
+    if view1.shape[0] < 2:
+        raise ValueError(f"views must have batch size > 1 but found {view1.shape[0]}")
+
+
+def mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    num_layers: int = 2,
+    bias: bool = True,
+    last_bn: bool = False,
+    last_bn_affine: bool = True,
+) -> nn.Sequential:
+    """``num_layers`` Linear layers with BatchNorm + ReLU between them.
+
+    The projector / predictor shape shared by SimCLR (Chen et al. 2020, Sec. 2.1), BYOL
+    (Grill et al. 2020, Sec. 3.3), MoCo v3 (Chen et al. 2021, ``_build_mlp`` in
+    facebookresearch/moco-v3), Barlow Twins and VICReg; ``last_bn`` adds MoCo v3's final
+    BatchNorm.
+    """
+    if num_layers < 1:
+        raise ValueError(f"an MLP needs at least 1 layer, found {num_layers}")
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        out = out_dim if last else hidden_dim
+        layers.append(nn.Linear(dim, out, bias=bias))
+        if not last:
+            layers += [nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(out, affine=last_bn_affine))
+        dim = out
+    return nn.Sequential(*layers)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off: the EMA target of BYOL and MoCo v3."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """EMA momentum rising from ``base`` to 1 on a half cosine.
+
+    τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 (Grill et al. 2020, BYOL, Sec. 3.2; MoCo v3
+    uses the same schedule, Chen et al. 2021, Sec. 4).
+    """
+    if total_steps <= 0:
+        return base
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """ξ ← τ·ξ + (1 − τ)·θ over parameters only, as the authors' BYOL and MoCo v3 code.
+
+    The target runs its BatchNorms in train mode (batch statistics), so its running
+    statistics are never read during training and are left to evolve on their own.
+    """
+    torch._foreach_lerp_(
+        list(target.parameters()), [p.detach() for p in online.parameters()], 1.0 - momentum
+    )
+
+
+class _GatherWithAllGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        gathered, offset = distributed.all_gather_rows(x.detach(), keep_local_grad=False)
+        ctx.rows = (offset, offset + x.shape[0])
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, end = ctx.rows
+        return grad[start:end]
+
+
+def gather_for_loss(x: Tensor) -> Tensor:
+    """``x`` from all ranks (rank order), for a loss computed over the global batch.
+
+    The backward sums every rank's gradient for this rank's rows before returning it,
+    as the VICReg authors' ``FullGatherLayer`` and lightly's ``GatherLayer``: a rank's
+    rows also appear as negatives (SimCLR) or in batch statistics (Barlow Twins,
+    VICReg) of the other ranks' losses, and only with those terms does DDP's gradient
+    average equal the single-process gradient of the same global batch.
+    (``ldreg.distributed.gather_with_grad`` keeps only the local loss's gradient — the
+    cross-replica concat of SimCLR's TPU code — which drops them.) Identity on one process.
+    """
+    if distributed.world_size() == 1:
+        return x
+    return _GatherWithAllGradients.apply(x)

@@ -1,0 +1,554 @@
+"""SSL pretraining with or without LDReg: the loop the worker and ``ldreg pretrain`` run.
+
+Usage::
+
+    summary = pretrain(spec, run_dir=Path("runs/a"), data_root=Path("data"), sink=sink)
+    backbone, spec = load_backbone(Path("runs/a/backbone.pt"), "cpu")
+
+One epoch: reseed from ``(seed, epoch, rank)`` → steps (cosine lr, forward under
+autocast, SSL loss + LDReg term + online-probe loss, NaN/cancel check, backward,
+clip, step, EMA update) → evaluation on rank 0 → ``sink.on_epoch_end`` → checkpoint.
+All randomness of an epoch is a function of ``(seed, epoch, rank)`` and every piece of
+state lives in the checkpoint, so a run resumed from epoch e's checkpoint ends with the
+same weights as one that never stopped. The library prints nothing; the sink decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ldreg import ddp
+from ldreg.backbones import build_backbone
+from ldreg.checkpoint import atomic_torch_save, load_latest_checkpoint, save_checkpoint
+from ldreg.data import DatasetBundle, build_datasets, derive_seed, make_eval_loader, make_ssl_loader
+from ldreg.errors import NonFiniteLossError, TrainingCancelled, UserError
+from ldreg.evaluation import (
+    OnlineLinearProbe,
+    extract_features,
+    knn_accuracy,
+    linear_probe_accuracy,
+    representation_metrics,
+)
+from ldreg.methods import SSLMethod, build_method
+from ldreg.optim import build_optimizer, cosine_lr, scaled_lr, set_lr
+from ldreg.regularizer import LDReg
+from ldreg.sink import NullSink, TrainingSink
+from ldreg.spec import PretrainSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+BACKBONE_FORMAT = "ldreg-backbone-v1"
+# Steps between polls of sink.should_stop(): prompt cancellation, few database reads.
+STOP_POLL_STEPS = 5
+EVAL_BATCH_SIZE = 256
+# Spec fields that may change between a run and its resumption without changing it.
+RESUMABLE_CHANGES = {"devices", "num_workers"}
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class StepOutput:
+    ssl_loss: Tensor
+    ldreg_loss: Tensor
+    probe_loss: Tensor
+    probe_acc: float
+
+
+class TrainModule(nn.Module):
+    """The method, the LDReg term and the online probe as one module (one DDP wrapper).
+
+    The LDReg term is applied identically for every method: on ``output.features``
+    (backbone; the ViT CLS token for MAE) or ``output.projections``; the reference set is
+    those rows, detached, plus the method's ``extra_reference`` (BYOL's target encoder),
+    gathered from all ranks (Huang et al. 2024, Sec. 5 and the authors' code).
+    """
+
+    def __init__(
+        self,
+        method: SSLMethod,
+        probe: OnlineLinearProbe | None,
+        ldreg: LDReg | None,
+        target: str = "features",
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.probe = probe
+        self.ldreg = ldreg
+        self.target = target
+
+    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor, ldreg_on: bool) -> StepOutput:
+        out = self.method(view1, view2)
+        zero = out.loss.new_zeros(())
+        ldreg_loss = zero
+        if ldreg_on and self.ldreg is not None:
+            regularized = out.features if self.target == "features" else out.projections
+            if regularized is None:
+                raise UserError(
+                    f"method '{self.method.name}' has no {self.target} to regularize",
+                    code="invalid_spec",
+                )
+            ldreg_loss = ldreg_term(
+                self.ldreg, regularized.float(), out.extra_reference.get(self.target)
+            )
+        probe_loss, probe_acc = zero, float("nan")
+        if self.probe is not None:
+            b = view1.shape[0]
+            probe_loss, probe_acc = self.probe.loss_and_acc(out.features[:b].detach(), labels)
+        return StepOutput(out.loss, ldreg_loss, probe_loss, probe_acc)
+
+
+def ldreg_term(ldreg: LDReg, regularized: Tensor, extra: Tensor | None) -> Tensor:
+    """α·mean(−|ln LID|) of the local rows, neighbours from the gathered detached batch.
+
+    The reference is both views of the whole batch (gathered by ``LDReg``), plus the
+    method's extra rows (BYOL's target features) placed after the local rows; each
+    row's own entry is excluded by index. Non-finite features give a NaN term, so the
+    loop's NaN check (not the LID estimator's input check) reports the divergence.
+    """
+    if not bool(torch.isfinite(regularized.detach()).all()):
+        return regularized.new_full((), float("nan"))
+    if extra is None:
+        return ldreg(regularized)
+    reference = torch.cat([regularized.detach(), extra.detach().to(regularized.dtype)])
+    return ldreg(regularized, reference, self_offset=0)
+
+
+def build_train_module(spec: PretrainSpec, *, image_size: int, num_classes: int) -> TrainModule:
+    """Backbone + method + online probe + LDReg term for ``spec``, seeded by ``spec.seed``."""
+    torch.manual_seed(spec.seed)
+    backbone, feat_dim = build_backbone(
+        spec.backbone,
+        image_size=image_size,
+        width=spec.width,
+        small_stem=spec.small_stem,
+        patch_size=spec.method_options.patch_size,
+    )
+    method = build_method(spec, backbone, feat_dim)
+    probe = OnlineLinearProbe(feat_dim, num_classes) if num_classes > 1 else None
+    regularizer = None
+    if spec.ldreg is not None:
+        regularizer = LDReg(
+            alpha=spec.ldreg_alpha,
+            k=spec.ldreg.k,
+            estimator=spec.ldreg.estimator,
+            form=spec.ldreg.form,
+            gather_distributed=True,
+        )
+    target = spec.ldreg.target if spec.ldreg is not None else "features"
+    return TrainModule(method, probe, regularizer, target)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no GPU is available", code="no_gpu")
+    return device
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """Mixed precision on CUDA only: ``auto`` → bf16 where supported, else fp16."""
+    if device_type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Make every random draw of an epoch a pure function of ``(seed, epoch, rank)``."""
+    s = derive_seed(seed, epoch, rank)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def _spec_fingerprint(spec: PretrainSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+
+
+def _is_main(rank: int) -> bool:
+    return rank == 0
+
+
+def _all_reduce(values: Tensor) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+    return flag
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    backbone: nn.Module,
+    probe: OnlineLinearProbe | None,
+    bundle: DatasetBundle,
+    spec: PretrainSpec,
+    device: torch.device,
+    *,
+    final: bool,
+) -> dict[str, float]:
+    """LID / rank on held-out features, kNN (each k of ``eval.knn_k``) and the probe.
+
+    ``linear_probe_acc`` is the online probe's held-out accuracy during training and the
+    offline L-BFGS probe at the end (``final``); ``knn_acc`` is the first ``knn_k``.
+    """
+    cap = spec.eval.max_samples
+    kwargs = {"mean": bundle.mean, "std": bundle.std, "batch_size": EVAL_BATCH_SIZE}
+    val_f, val_y = extract_features(
+        backbone, make_eval_loader(bundle.val, max_samples=cap, **kwargs), device
+    )
+    metrics = representation_metrics(val_f, lid_k=spec.eval.lid_k)
+    if probe is None:
+        return metrics
+    train_f, train_y = extract_features(
+        backbone, make_eval_loader(bundle.train, max_samples=cap, **kwargs), device
+    )
+    nc = bundle.num_classes
+    for i, k in enumerate(spec.eval.knn_k):
+        acc = knn_accuracy(train_f, train_y, val_f, val_y, k=k, num_classes=nc)
+        metrics[f"knn_acc_k{k}"] = acc
+        if i == 0:
+            metrics["knn_acc"] = acc
+    with torch.no_grad():
+        pred = probe(val_f.to(device)).argmax(dim=1).cpu()
+    metrics["online_probe_acc"] = (pred == val_y).double().mean().item()
+    metrics["linear_probe_acc"] = metrics["online_probe_acc"]
+    if final:
+        metrics["linear_probe_acc"] = linear_probe_accuracy(
+            train_f, train_y, val_f, val_y, num_classes=nc, seed=spec.seed
+        )
+    return metrics
+
+
+# --------------------------------------------------------------------------- backbone file
+
+
+def save_backbone(path: Path, backbone: nn.Module, spec: PretrainSpec, *, image_size: int) -> None:
+    """Write the trained backbone with its spec, for later diagnosis jobs (atomically)."""
+    state = {
+        "format": BACKBONE_FORMAT,
+        "spec": spec.model_dump_json(),
+        "image_size": image_size,
+        "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+    }
+    atomic_torch_save(state, path)
+
+
+def load_backbone(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, PretrainSpec]:
+    """The backbone saved by :func:`pretrain` (eval mode, on ``device``) and its spec."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no trained backbone at {path}", code="backbone_missing") from None
+    except Exception as e:
+        raise UserError(
+            f"{path} is not a readable backbone file: {e}", code="backbone_corrupt"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != BACKBONE_FORMAT:
+        raise UserError(f"{path} is not an ldreg backbone file", code="backbone_corrupt")
+    spec = PretrainSpec.model_validate_json(state["spec"])
+    backbone, _ = build_backbone(
+        spec.backbone,
+        image_size=state["image_size"],
+        width=spec.width,
+        small_stem=spec.small_stem,
+        patch_size=spec.method_options.patch_size,
+    )
+    backbone.load_state_dict(state["state_dict"])
+    return backbone.to(device).eval(), spec
+
+
+# --------------------------------------------------------------------------- training
+
+
+def pretrain(
+    spec: PretrainSpec,
+    *,
+    run_dir: Path,
+    data_root: Path,
+    sink: TrainingSink | None = None,
+    device: str | None = None,
+    resume: bool = True,
+) -> dict[str, float]:
+    """Train ``spec``; return the final metrics (the job summary).
+
+    Writes ``run_dir/checkpoints/epoch_NNNN.pt`` (+ ``.sha256``) every
+    ``spec.checkpoint_every`` epochs and at the end, and ``run_dir/backbone.pt``. With
+    ``resume`` it continues after the newest valid checkpoint in ``run_dir``. With
+    ``spec.devices > 1`` the ranks run under DDP; this process is rank 0 and alone
+    talks to ``sink``.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (names epoch, step, last checkpoint).
+        TrainingCancelled: ``sink.should_stop()`` returned True.
+        UserError / DatasetError: the spec or the data cannot work.
+    """
+    sink = sink or NullSink()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    args = (spec, run_dir, Path(data_root), device, resume)
+    if spec.devices > 1:
+        device_type = torch.device(device).type
+        return ddp.launch(
+            _train_rank,
+            spec.devices,
+            device_type=device_type,
+            args=args,
+            rank0_kwargs={"sink": sink},
+        )
+    return _train_rank(0, 1, *args, sink=sink)
+
+
+def _train_rank(
+    rank: int,
+    world_size: int,
+    spec: PretrainSpec,
+    run_dir: Path,
+    data_root: Path,
+    device_name: str,
+    resume: bool,
+    sink: TrainingSink | None = None,
+) -> dict[str, float]:
+    sink = sink if sink is not None else NullSink()
+    main = _is_main(rank)
+    device = torch.device(device_name)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", rank)
+
+    bundle = build_datasets(spec.dataset, data_root=data_root, seed=spec.seed)
+    model = build_train_module(spec, image_size=bundle.image_size, num_classes=bundle.num_classes)
+    if world_size > 1 and spec.sync_bn:
+        model = ddp.convert_sync_batchnorm(model, device.type)
+    model.to(device)
+    method = model.method
+
+    local_batch = spec.batch_size // world_size
+
+    def loader(epoch: int):
+        return make_ssl_loader(
+            bundle.train,
+            kind=method.augmentation,
+            image_size=bundle.image_size,
+            mean=bundle.mean,
+            std=bundle.std,
+            batch_size=local_batch,
+            seed=spec.seed,
+            epoch=epoch,
+            num_workers=spec.num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    steps_per_epoch = len(loader(1))
+    total_steps = spec.epochs * steps_per_epoch
+    opt = spec.optimizer
+    base_lr = scaled_lr(opt, global_batch=spec.batch_size)
+    warmup_steps = min(opt.warmup_epochs * steps_per_epoch, total_steps)
+    optimizer = build_optimizer(opt, model.named_parameters(), lr=base_lr)
+    amp_dtype = autocast_dtype(spec.precision, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    clipped = [p for p in method.parameters() if p.requires_grad]
+
+    ckpt_dir = run_dir / "checkpoints"
+    start_epoch, summary, last_good = 1, None, None
+    if resume:
+        chosen = None
+        if main:
+            found = load_latest_checkpoint(ckpt_dir)
+            chosen = None if found is None else str(found[1])
+        chosen = _broadcast_object(chosen)
+        if chosen is not None:
+            from ldreg.checkpoint import load_checkpoint
+
+            state = load_checkpoint(Path(chosen))
+            _check_resumable(state, spec, Path(chosen))
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            start_epoch = int(state["epoch"]) + 1
+            summary = state.get("summary")
+            last_good = Path(chosen)
+
+    train_model = ddp.wrap_model(model, device)
+    if main:
+        sink.on_train_start(
+            start_epoch=start_epoch, epochs=spec.epochs, steps_per_epoch=steps_per_epoch
+        )
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, spec.epochs + 1):
+        started = time.perf_counter()
+        seed_epoch(spec.seed, epoch, rank)
+        model.train()
+        ldreg_on = spec.ldreg is not None and epoch > spec.ldreg.warmup_epochs
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        lr = base_lr
+        for i, (view1, view2, labels) in enumerate(loader(epoch)):
+            step = (epoch - 1) * steps_per_epoch + i
+            lr = cosine_lr(
+                step, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr
+            )
+            set_lr(optimizer, lr)
+            view1 = view1.to(device, non_blocking=True)
+            view2 = view2.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = train_model(view1, view2, labels, ldreg_on)
+            loss = out.ssl_loss.float() + out.ldreg_loss.float()
+
+            stop = False
+            if main and i % STOP_POLL_STEPS == 0:
+                ddp.check_peers()
+                stop = bool(sink.should_stop())
+            # One collective per step carries the logged means, the NaN flag and the
+            # stop flag, so every rank raises at the same step.
+            status = _all_reduce(
+                torch.stack(
+                    [
+                        loss.detach(),
+                        out.ssl_loss.detach().float(),
+                        out.ldreg_loss.detach().float(),
+                        (~torch.isfinite(loss.detach())).float(),
+                        torch.tensor(float(stop), device=device),
+                    ]
+                )
+            ).tolist()
+            if status[3] > 0:
+                raise NonFiniteLossError(
+                    f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
+                    f" (step {i + 1} of the epoch); last good"
+                    f" checkpoint: {last_good or 'none'}. Lower the learning rate, enable"
+                    " optimizer.grad_clip or use fp32 precision"
+                )
+            if status[4] > 0:
+                raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss + out.probe_loss.float()).backward()
+            if opt.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(clipped, opt.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            method.update_target(step=step + 1, total_steps=total_steps)
+
+            w = world_size
+            step_metrics = {
+                "loss": status[0] / w,
+                "ssl_loss": status[1] / w,
+                "ldreg_loss": status[2] / w,
+                "lr": lr,
+            }
+            for name, value in step_metrics.items():
+                sums[name] += value
+            if not math.isnan(out.probe_acc):
+                sums["train_probe_acc"] += out.probe_acc
+            count += 1
+            if main:
+                sink.on_step(epoch=epoch, step=step + 1, metrics=step_metrics)
+
+        global_step = epoch * steps_per_epoch
+        metrics = {name: total / count for name, total in sums.items()}
+        metrics["lr"] = lr
+        final = epoch == spec.epochs
+        if main:
+            if final or epoch % spec.eval.every_epochs == 0:
+                metrics.update(
+                    evaluate(method.backbone, model.probe, bundle, spec, device, final=final)
+                )
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            sink.on_epoch_end(epoch=epoch, step=global_step, metrics=metrics)
+            if final or epoch % spec.checkpoint_every == 0:
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "spec": spec.model_dump_json(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state()},
+                    "metrics": metrics,
+                    "summary": metrics if final else None,
+                }
+                last_good = save_checkpoint(state, ckpt_dir, epoch=epoch)
+                sink.on_checkpoint(epoch=epoch, path=last_good)
+        stop = main and not final and bool(sink.should_stop())
+        if _broadcast_flag(stop, device):
+            raise TrainingCancelled(f"cancelled after epoch {epoch}")
+        if final:
+            summary = metrics
+
+    if not main:
+        return {}
+    save_backbone(run_dir / "backbone.pt", method.backbone, spec, image_size=bundle.image_size)
+    return dict(summary or metrics)
+
+
+def _check_resumable(state: dict[str, Any], spec: PretrainSpec, path: Path) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path.name} has an unknown checkpoint format", code="checkpoint_format")
+    saved = PretrainSpec.model_validate_json(state["spec"])
+    if _spec_fingerprint(saved) != _spec_fingerprint(spec):
+        changed = sorted(
+            k for k, v in _spec_fingerprint(spec).items() if _spec_fingerprint(saved).get(k) != v
+        )
+        raise UserError(
+            f"the run directory holds checkpoints of a different spec (changed: "
+            f"{', '.join(changed)}); use a new run directory",
+            code="checkpoint_spec_mismatch",
+        )
+
+
+__all__ = [
+    "StepOutput",
+    "TrainModule",
+    "build_train_module",
+    "evaluate",
+    "load_backbone",
+    "pretrain",
+    "save_backbone",
+]
