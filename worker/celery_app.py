@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
@@ -68,17 +67,3 @@ def _init_child(**_: object) -> None:
 
     engine_for.cache_clear()
     session_factory.cache_clear()
-
-    # Load the training code now, while the child waits for work, so a job starts
-    # without seconds of imports. In a thread: the parent gives a new child only a few
-    # seconds (worker_proc_alive_timeout) to report that it is up, and a job that
-    # arrives meanwhile simply waits on the import lock. Importing torch does not
-    # initialise CUDA, and this process never forks a worker of its own.
-    threading.Thread(target=_preload_training_code, name="preload", daemon=True).start()
-
-
-def _preload_training_code() -> None:
-    try:
-        import ldreg.train  # noqa: F401
-    except Exception:  # the job itself will report the problem
-        log.warning("could not preload the training code", exc_info=True)

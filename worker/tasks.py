@@ -8,12 +8,15 @@ from service.queue import TASK_NAME
 from service.settings import get_settings
 from worker.celery_app import SHUTTING_DOWN, app
 
+# Imported here, in the parent, so every forked child starts with it loaded: the
+# runner and the sink import no torch (the runner loads the training code itself,
+# in the child); tests check the parent never maps libtorch.
+from worker.runner import run_job as run
+from worker.sink import DatabaseSink  # noqa: F401  (preloaded for the children)
+
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=False)
 def run_job(self, job_id: str) -> str:
-    # Imported in the child (one per job): the runner loads the training code.
-    from worker.runner import run_job as run
-
     return run(
         job_id,
         get_settings(),
