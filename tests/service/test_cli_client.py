@@ -246,5 +246,5 @@ def test_diagnose_uploads_waits_and_prints_the_lid_summary(
     assert all(rec["attempt"] == 1 and rec["service"] == "worker" for rec in bound)
 
     status = ldreg("status", job_id, url=api_server, key=key)
-    assert "succeeded" in status.stdout and "collapse_fraction" in status.stdout
+    assert "succeeded" in status.stdout and "collapsed k=16" in status.stdout
     assert uuid.UUID(hex=job_id)
