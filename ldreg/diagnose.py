@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-ReferenceMode = Literal["full", "sample"]
+ReferenceMode = Literal["full", "sample", "approximate"]
 
 # A point raises the local-collapse alarm when ln LID_i < ln gmean - FISHER_RAO_THRESHOLD,
 # i.e. LID_i < gmean / e. Why one Fisher-Rao unit (c = e): the Fisher-Rao distance between
@@ -337,6 +337,84 @@ def compare_reports(
 # The diagnosis.
 
 
+class ApproximateNeighbours:
+    """k nearest neighbours of every point among the others, through faiss IVF-Flat.
+
+    An inverted-file index (Jégou, Douze, Schmid, "Product quantization for nearest
+    neighbor search", TPAMI 2011, Sec. 4; faiss ``IndexIVFFlat``): k-means cuts R^D into
+    ``nlist`` cells, each point is stored in its cell, and a query scans only the
+    ``nprobe`` cells whose centroids are nearest -- about nprobe/nlist of the data
+    instead of all of it, with exact distances inside the scanned cells. A neighbour
+    in an unscanned cell is missed and replaced by the next one found, so a distance
+    can only come out too large. Defaults: nlist ≈ 2·sqrt(N) (cells of ~sqrt(N)/2
+    points), nprobe = 16, k-means on 64 points per cell; a query whose scanned cells
+    hold fewer than k + 1 points is answered exactly instead. CPU only (the faiss-cpu
+    wheel); on a GPU worker "full" is the faster choice anyway.
+    """
+
+    def __init__(
+        self,
+        points: Any,
+        k: int,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        seed: int = 0,
+    ) -> None:
+        try:
+            import faiss
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise ImportError("reference mode 'approximate' needs faiss-cpu") from exc
+        import torch
+
+        self.points = points
+        self.k = k
+        x = np.ascontiguousarray(points.detach().cpu().numpy(), dtype=np.float32)
+        self._x = x
+        n, dim = x.shape
+        # faiss wants >= 39 training points per centroid.
+        self.nlist = nlist or max(1, min(round(2 * math.sqrt(n)), n // 39))
+        self.nprobe = min(nprobe, self.nlist)
+        quantizer = faiss.IndexFlatL2(dim)
+        self.index = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_L2)
+        self.index.cp.seed = seed
+        train_size = min(n, 64 * self.nlist)
+        train_rows = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
+        self.index.train(x[train_rows])
+        self.index.add(x)
+        self.index.nprobe = self.nprobe
+        self._torch = torch
+
+    def search(self, start: int, stop: int):
+        """Distances (ascending) and indices of rows ``start:stop``'s k neighbours,
+        each point's own row excluded by index."""
+        torch = self._torch
+        q = self._x[start:stop]
+        sq, ids = self.index.search(q, self.k + 1)
+        # The point itself (found in its own cell) and empty slots (-1: the scanned cells
+        # held fewer than k + 1 points) sort last; the first k are the neighbours.
+        own = np.arange(start, stop)[:, None]
+        sq = np.where((ids == own) | (ids < 0), np.inf, sq)
+        order = np.argsort(sq, axis=1, kind="stable")[:, : self.k]
+        sq = np.take_along_axis(sq, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        # IVF-Flat scans with direct differences (no |x|^2 - 2x.y expansion), so the
+        # square root is accurate and duplicates come out exactly 0.
+        dists = torch.from_numpy(np.sqrt(np.maximum(sq, 0.0)).astype(np.float32))
+        indices = torch.from_numpy(ids.astype(np.int64))
+        short = np.nonzero(~np.isfinite(sq).all(axis=1))[0]
+        if short.size:
+            from ldreg.lid import knn
+
+            x_t = torch.from_numpy(self._x)
+            for r in short:
+                row = start + int(r)
+                d, i = knn(x_t[row : row + 1], self.k, x_t, self_offset=row)
+                dists[r], indices[r] = d[0], i[0]
+        device = self.points.device
+        return dists.to(device), indices.to(device)
+
+
 def _progress_blocks(n: int, minimum: int = 2048, updates: int = 50) -> int:
     """Queries per k-NN call: about ``updates`` progress reports, never tiny calls (each
     call re-centres the reference set, an O(M·D) copy)."""
@@ -355,6 +433,7 @@ def diagnose_embeddings(
     collapse_threshold: float = FISHER_RAO_THRESHOLD,
     device: Any | None = None,
     global_max_points: int | None = GLOBAL_MAX_POINTS,
+    nprobe: int = 16,
     progress: Callable[[float], None] | None = None,
 ) -> DiagnosisReport:
     """Diagnose local and global dimensionality of the (N, D) embeddings ``x``.
@@ -367,6 +446,10 @@ def diagnose_embeddings(
         estimators: any of ``"mle"``, ``"mom"``, ``"tle"`` (``ldreg.lid``, LDReg variants).
         labels: optional (N,) class labels for the per-class breakdown.
         reference: ``"full"``: each point's neighbours are the N - 1 other points, exact.
+            ``"approximate"``: the N - 1 other points through an inverted-file index
+            (``ApproximateNeighbours``, faiss IVF-Flat): the same scale as "full", a few
+            true neighbours possibly replaced by slightly farther ones (LIDs biased
+            slightly low; measured error in benchmarks/README.md).
             ``"sample"``: they come from ``reference_size`` points drawn at random
             (``seed``) without replacement; a point of the sample excludes itself.
             **Bias of "sample"**: the sample is N/M times sparser, so the k-th
@@ -378,6 +461,8 @@ def diagnose_embeddings(
         collapse_threshold: the local-collapse alarm's distance below the geometric
             mean in Fisher–Rao units (``FISHER_RAO_THRESHOLD``; 1 means LID < gmean / e).
         device: where the k-NN search runs (default: ``x``'s device, CPU for numpy).
+        nprobe: "approximate" only: index cells scanned per query (more: slower, closer
+            to exact; see ``ApproximateNeighbours``).
         global_max_points: the global metrics use at most this many rows (a seeded
             random subset; None: all). They depend only on the normalised eigenspectrum
             of the covariance, which n >> D random rows estimate with relative error
@@ -435,8 +520,13 @@ def diagnose_embeddings(
         n_ref = min(int(reference_size), n)
         # Sorted indices keep the reference gather sequential (a memmap reads in order).
         ref_idx = np.sort(np.random.default_rng(seed).choice(n, size=n_ref, replace=False))
+    elif reference == "approximate":
+        ref_idx = None
+        n_ref = n
     else:
-        raise LIDInputError(f"unknown reference mode {reference!r}; use 'full' or 'sample'")
+        raise LIDInputError(
+            f"unknown reference mode {reference!r}; use 'full', 'sample' or 'approximate'"
+        )
     # One neighbourhood size for every point: a sampled point has n_ref - 1 others.
     k_used = {kk: min(kk, n_ref - 1) for kk in ks}
     if min(k_used.values()) < 2:
@@ -462,7 +552,18 @@ def diagnose_embeddings(
     emit(0)
     done = 0
     with torch.no_grad():
-        if ref_idx is None:
+        if reference == "approximate":
+            ref = points
+            searcher = ApproximateNeighbours(points, k_max, nprobe=nprobe, seed=seed)
+            timings["ann_build"] = time.perf_counter() - t0
+            step = _progress_blocks(n)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                dists, indices = searcher.search(s, e)
+                estimate(slice(s, e), dists, indices, ref)
+                done += e - s
+                emit(done)
+        elif ref_idx is None:
             ref = points
             step = _progress_blocks(n)
             for s in range(0, n, step):

@@ -205,9 +205,16 @@ class JobSource(_Spec):
 class ReferenceSpec(_Spec):
     """Where each point's neighbours come from in a diagnosis."""
 
-    mode: Literal["full", "sample"] = "full"
+    mode: Literal["full", "sample", "approximate"] = Field(
+        default="full",
+        description="full: exact k-NN among all points; sample: a random subset of 'size'"
+        " points (LIDs at a coarser scale); approximate: faiss IVF-Flat over all points",
+    )
     size: Annotated[int, Field(ge=16)] | None = Field(
         default=None, description="sample mode: number of reference points"
+    )
+    nprobe: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=16, description="approximate mode: index cells scanned per query"
     )
 
     @model_validator(mode="after")

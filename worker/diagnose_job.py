@@ -121,6 +121,7 @@ def run_diagnose(
         labels=labels,
         reference=spec.reference.mode,
         reference_size=spec.reference.size,
+        nprobe=spec.reference.nprobe,
         seed=spec.seed,
         collapse_threshold=spec.collapse_threshold,
         device=device,
