@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,6 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console()
-err_console = Console(stderr=True)
 
 # Columns of the per-epoch table, in order; others are kept in the run's checkpoints.
 EPOCH_COLUMNS = (
@@ -45,7 +45,7 @@ EPOCH_COLUMNS = (
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    print(f"ldreg: error: {message}", file=sys.stderr)
     raise typer.Exit(code=code)
 
 

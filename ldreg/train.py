@@ -235,6 +235,8 @@ def evaluate(
     val_f, val_y = extract_features(
         backbone, make_eval_loader(bundle.val, max_samples=cap, **kwargs), device
     )
+    if not bool(torch.isfinite(val_f).all()):
+        raise NonFiniteLossError("the backbone's features became NaN or inf (evaluation)")
     metrics = representation_metrics(val_f, lid_k=spec.eval.lid_k)
     if probe is None:
         return metrics
@@ -459,8 +461,8 @@ def _train_rank(
             if status[3] > 0:
                 raise NonFiniteLossError(
                     f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
-                    f" (step {i + 1} of the epoch); last good"
-                    f" checkpoint: {last_good or 'none'}. Lower the learning rate, enable"
+                    f" (step {i + 1} of the epoch); last good checkpoint:"
+                    f" {_describe(last_good)}. Lower the learning rate, enable"
                     " optimizer.grad_clip or use fp32 precision"
                 )
             if status[4] > 0:
@@ -496,9 +498,16 @@ def _train_rank(
         final = epoch == spec.epochs
         if main:
             if final or epoch % spec.eval.every_epochs == 0:
-                metrics.update(
-                    evaluate(method.backbone, model.probe, bundle, spec, device, final=final)
-                )
+                try:
+                    metrics.update(
+                        evaluate(method.backbone, model.probe, bundle, spec, device, final=final)
+                    )
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(
+                        f"{e.message} at epoch {epoch}; last good checkpoint:"
+                        f" {_describe(last_good)}. Lower the learning rate or enable"
+                        " optimizer.grad_clip"
+                    ) from e
             metrics["epoch_seconds"] = time.perf_counter() - started
             sink.on_epoch_end(epoch=epoch, step=global_step, metrics=metrics)
             if final or epoch % spec.checkpoint_every == 0:
@@ -526,6 +535,12 @@ def _train_rank(
         return {}
     save_backbone(run_dir / "backbone.pt", method.backbone, spec, image_size=bundle.image_size)
     return dict(summary or metrics)
+
+
+def _describe(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "none"
+    return f"{checkpoint.parent.name}/{checkpoint.name}"
 
 
 def _check_resumable(state: dict[str, Any], spec: PretrainSpec, path: Path) -> None:
