@@ -4,8 +4,9 @@ A diagnosis answers "has this representation collapsed, locally or globally?" fo
 (N, D) embedding matrix, without training anything:
 
 - **local**: the LID of every point from the distances to its k nearest neighbours
-  (``ldreg.lid``), for each requested estimator and k, from ONE exact kNN pass at the
-  largest k (the k smallest distances of a point are a prefix of its max-k distances);
+  (``ldreg.lid``), for each requested estimator and k, from ONE kNN pass at the largest
+  k (the k smallest distances of a point are a prefix of its max-k distances) -- exact
+  over all points, over a random sample of them, or approximate (faiss IVF-Flat);
   summarised by the geometric mean (the Fisher–Rao mean of LIDs, Huang et al. 2024,
   "LDReg", Sec. 4), mean, median, percentiles, a log-spaced histogram, a per-class
   breakdown, and the **local-collapse alarm**: the fraction of points whose LID lies
@@ -45,7 +46,8 @@ ReferenceMode = Literal["full", "sample", "approximate"]
 # The probability that noise alone puts a point below the threshold,
 # P(ln G > digamma(k-1) + 1) with G ~ Gamma(k-1, 1), is 1.4 % at k=5, 0.13 % at k=8,
 # 0.03 % at k=10, 3e-6 at k=16 and 2e-11 at k=32: an alarm fraction of a few percent
-# at k >= 16 is a real population of locally collapsed points, not noise.
+# at k >= 16 is a real population of locally collapsed points, not noise. (MoM: a Monte
+# Carlo of uniform neighbourhoods gives 0.15-0.25 % at k=8 and <= 1e-5 from k=16.)
 FISHER_RAO_THRESHOLD = 1.0
 
 # Histogram bins shared by every report, so dashboards can overlay two jobs bin by bin:
@@ -447,17 +449,21 @@ def diagnose_embeddings(
         labels: optional (N,) class labels for the per-class breakdown.
         reference: ``"full"``: each point's neighbours are the N - 1 other points, exact.
             ``"approximate"``: the N - 1 other points through an inverted-file index
-            (``ApproximateNeighbours``, faiss IVF-Flat): the same scale as "full", a few
-            true neighbours possibly replaced by slightly farther ones (LIDs biased
-            slightly low; measured error in benchmarks/README.md).
+            (``ApproximateNeighbours``, faiss IVF-Flat): the same scale as "full", but a
+            missed true neighbour is replaced by a farther one, which biases LIDs low by
+            an amount that depends on ``nprobe`` and the data (none on clustered
+            embeddings, up to 0.2 in ln LID at nprobe=16 on unclustered ones; measured
+            in benchmarks/README.md).
             ``"sample"``: they come from ``reference_size`` points drawn at random
             (``seed``) without replacement; a point of the sample excludes itself.
             **Bias of "sample"**: the sample is N/M times sparser, so the k-th
             neighbour in it sits near the (k·N/M)-th neighbour of the full set: the LIDs
             describe the data at the scale of k·N/M full-set neighbours (the estimator's
-            variance stays that of k). Where the LID depends on scale -- and local
-            collapse is a small-scale effect -- sample mode under-reports it; prefer
-            ``"full"`` (on a GPU worker even N = 10^6 is minutes).
+            variance stays that of k). Real embeddings' LID depends on scale, so this
+            moves the estimates either way (benchmarks/README.md: far up on clustered
+            data, down on unclustered data), and a collapse confined to small scales
+            can be missed; prefer ``"full"`` (on a GPU worker even N = 10^6 is
+            minutes) or ``"approximate"``.
         collapse_threshold: the local-collapse alarm's distance below the geometric
             mean in Fisher–Rao units (``FISHER_RAO_THRESHOLD``; 1 means LID < gmean / e).
         device: where the k-NN search runs (default: ``x``'s device, CPU for numpy).
