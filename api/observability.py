@@ -14,6 +14,7 @@ keep it on the internal network. docs/operations.md has the alert rules.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,11 +31,10 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import session_factory
-from service.logging import get_logger
 from service.models import Job, JobState, Metric
 from service.settings import Settings, get_settings
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 JOB_KINDS = ("pretrain", "diagnose")
 QUEUES = ("cpu", "gpu")
@@ -123,7 +123,7 @@ class ServiceStateCollector(Collector):
             yield from self._job_gauges()
             db_up.add_metric([], 1)
         except Exception as exc:  # a scrape must answer even while the database is down
-            log.warning("metrics_database_unavailable", error=str(exc))
+            log.warning("metrics: database unavailable: %s", exc)
             db_up.add_metric([], 0)
         yield db_up
         yield from self._queue_gauges()
@@ -208,7 +208,7 @@ class ServiceStateCollector(Collector):
                 depth.add_metric([queue], n)
             broker_up.add_metric([], 1)
         except Exception as exc:
-            log.warning("metrics_broker_unavailable", error=str(exc))
+            log.warning("metrics: broker unavailable: %s", exc)
             broker_up.add_metric([], 0)
         yield depth
         yield broker_up
