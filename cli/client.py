@@ -249,11 +249,11 @@ def _watch(api: LDRegClient, job_id: str, interval: float) -> Job:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[epochs]}"),
         TextColumn("ETA {task.fields[eta]}"),
         console=out,
     )
-    task = progress.add_task("queued", total=None, eta="-")
+    task = progress.add_task("queued", total=None, eta="-", epochs="")
     series: dict[str, list[MetricPoint]] = {}
     last_step: int | None = None
 
@@ -267,9 +267,11 @@ def _watch(api: LDRegClient, job_id: str, interval: float) -> Job:
             progress.update(
                 task,
                 description=f"{job.name or job.id[:12]} {job.state}",
-                completed=job.progress.epoch,
-                total=job.progress.epochs or None,
+                # Without epochs (a diagnosis): a pulsing bar, full once finished.
+                completed=job.progress.epoch if job.progress.epochs else int(job.finished),
+                total=job.progress.epochs or (1 if job.finished else None),
                 eta=_fmt_duration(_eta_seconds(job, series)),
+                epochs=f"epoch {_progress_text(job)}" if job.progress.epochs else "",
             )
             live.update(Group(progress, _metrics_line(_latest(series)) or "waiting for metrics"))
             if job.finished:

@@ -245,6 +245,11 @@ def test_diagnose_uploads_waits_and_prints_the_lid_summary(
     assert bound, worker.log()[-6000:]
     assert all(rec["attempt"] == 1 and rec["service"] == "worker" for rec in bound)
 
+    # watch on a finished job draws its final bar and exits at once, 0 for success.
+    watched = ldreg("watch", job_id, url=api_server, key=key)
+    assert watched.returncode == 0, watched.stderr
+    assert "succeeded" in watched.stdout and f"job {job_id} succeeded" in watched.stderr
+
     status = ldreg("status", job_id, url=api_server, key=key)
     assert "succeeded" in status.stdout and "collapsed k=16" in status.stdout
     assert uuid.UUID(hex=job_id)
