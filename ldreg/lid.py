@@ -61,8 +61,11 @@ that never materialises an (N, k, D) tensor outside a chunk.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import operator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -92,6 +95,8 @@ RATIO_FLOOR = 1e-6
 TLE_EPSILON = 1e-4
 # Bytes one chunk of the distance computation may use; bounds peak memory regardless of N.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+# Query-reference pairs from which the CPU search uses the Numba selection kernel.
+_KERNEL_MIN_SCORES = 2**20
 
 Estimator = Literal["mle", "mom", "tle"]
 
@@ -214,7 +219,13 @@ def knn(
     ref = queries if reference is None else ref.to(dtype)
     with torch.no_grad():
         dists, indices = _search(
-            queries.detach(), ref.detach(), k, self_offset, chunk_size, block_bytes
+            queries.detach(),
+            ref.detach(),
+            k,
+            self_offset,
+            chunk_size,
+            block_bytes,
+            symmetric=reference is None,
         )
     if torch.is_grad_enabled() and (queries.requires_grad or ref.requires_grad):
         dists = _NeighbourDistances.apply(queries, ref, indices, dists, block_bytes)
@@ -244,6 +255,7 @@ def _search(
     self_offset: int | None,
     chunk_size: int | None,
     block_bytes: int,
+    symmetric: bool,
 ) -> tuple[Tensor, Tensor]:
     n_queries, n_ref = queries.shape[0], ref.shape[0]
     elem = queries.element_size()
@@ -251,47 +263,215 @@ def _search(
     # Rounding in the expansion can swap near-ties; a few spare candidates, re-ranked by
     # directly computed distances, make the final top-k exact.
     n_candidates = min(k + max(8, k // 4), available)
-
-    # Centring costs one copy but removes most of the cancellation in |y|^2 - 2 x.y.
     center = ref.mean(dim=0, keepdim=True)
-    ref_c = ref - center
-    ref_sq = ref_c.square().sum(dim=1)
-    if chunk_size is None:
-        chunk_size = max(64, min(4096, block_bytes // (elem * n_ref)))
-    block = min(n_ref, max(n_candidates, block_bytes // (elem * chunk_size)))
+    ref_aug = _augmented_reference(ref, center)
+    candidates = _CandidateLists(
+        n_queries, n_candidates, ref.dtype, ref.device, n_scores=n_queries * n_ref
+    )
+    with candidates:
+        if symmetric:
+            # Queries = reference: block (i, j) of the score matrix also serves, transposed,
+            # as block (j, i), so only the upper triangle is multiplied (half the GEMM).
+            # Diagonal blocks go first: they seed every candidate list, so the transposed
+            # merges that follow mostly compare and skip.
+            side = chunk_size or max(n_candidates, math.isqrt(block_bytes // (4 * elem)))
+            sq_norms = ref_aug[:, -1].contiguous()
+            starts = range(0, n_ref, side)
+            pairs = [(i0, i0) for i0 in starts] + [(i, j) for i in starts for j in starts if j > i]
+            for i0, j0 in pairs:
+                i1, j1 = min(i0 + side, n_ref), min(j0 + side, n_ref)
+                scores = _augmented_queries(queries[i0:i1], center) @ ref_aug[j0:j1].T
+                if j0 == i0:
+                    scores.diagonal().fill_(math.inf)
+                candidates.merge(i0, scores, j0)
+                if j0 != i0:
+                    candidates.merge_transposed(j0, scores, i0, sq_norms[i0:i1], sq_norms[j0:j1])
+        else:
+            if chunk_size is None:
+                chunk_size = max(64, min(4096, block_bytes // (elem * n_ref)))
+            block = min(n_ref, max(n_candidates, block_bytes // (elem * chunk_size)))
+            for start in range(0, n_queries, chunk_size):
+                q_aug = _augmented_queries(queries[start : start + chunk_size], center)
+                rows = torch.arange(q_aug.shape[0], device=q_aug.device)
+                for b0 in range(0, n_ref, block):
+                    scores = q_aug @ ref_aug[b0 : b0 + block].T
+                    if self_offset is not None:
+                        cols = self_offset + start + rows - b0
+                        inside = (cols >= 0) & (cols < scores.shape[1])
+                        scores[rows[inside], cols[inside]] = math.inf
+                    candidates.merge(start, scores, b0)
+    best_i = candidates.indices
+    del ref_aug, candidates
 
     out_d = torch.empty(n_queries, k, dtype=queries.dtype, device=queries.device)
     out_i = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
-    for start in range(0, n_queries, chunk_size):
-        q = queries[start : start + chunk_size]
-        q_c = q - center
-        rows = torch.arange(q.shape[0], device=q.device)
-        best_v: Tensor | None = None
-        best_i: Tensor | None = None
-        for b0 in range(0, n_ref, block):
-            scores = torch.addmm(
-                ref_sq[b0 : b0 + block].unsqueeze(0), q_c, ref_c[b0 : b0 + block].T, alpha=-2.0
-            )
-            if self_offset is not None:
-                cols = self_offset + start + rows - b0
-                inside = (cols >= 0) & (cols < scores.shape[1])
-                scores[rows[inside], cols[inside]] = math.inf
-            take = min(n_candidates, scores.shape[1])
-            v, i = scores.topk(take, dim=1, largest=False, sorted=False)
-            i += b0
-            if best_v is not None:
-                v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
-                v, sel = v.topk(min(n_candidates, v.shape[1]), dim=1, largest=False, sorted=False)
-                i = i.gather(1, sel)
-            best_v, best_i = v, i
-        assert best_i is not None
-        exact = _pair_distances(q, ref, best_i, block_bytes)
+    step = 65536
+    for start in range(0, n_queries, step):
+        candidates = best_i[start : start + step]
+        exact = _pair_distances(queries[start : start + step], ref, candidates, block_bytes)
         if self_offset is not None:
-            exact = exact.masked_fill(best_i == (self_offset + start + rows).unsqueeze(1), math.inf)
+            own = self_offset + torch.arange(start, start + len(candidates), device=ref.device)
+            exact = exact.masked_fill(candidates == own.unsqueeze(1), math.inf)
         exact, order = exact.sort(dim=1)
-        out_d[start : start + chunk_size] = exact[:, :k]
-        out_i[start : start + chunk_size] = best_i.gather(1, order[:, :k])
+        out_d[start : start + step] = exact[:, :k]
+        out_i[start : start + step] = candidates.gather(1, order[:, :k])
     return out_d, out_i
+
+
+def _augmented_reference(ref: Tensor, center: Tensor) -> Tensor:
+    """[-2 (y - c), |y - c|^2] per row: one GEMM with [x - c, 1] then gives
+    |y - c|^2 - 2 (x - c).(y - c) = ||x - y||^2 - |x - c|^2, which ranks x's neighbours
+    exactly as the squared distance does, with no extra pass over the scores. Centring
+    on the reference mean removes most of the expansion's cancellation."""
+    n, dim = ref.shape
+    out = torch.empty(n, dim + 1, dtype=ref.dtype, device=ref.device)
+    for s in range(0, n, 8192):
+        centred = ref[s : s + 8192] - center
+        out[s : s + 8192, dim] = centred.square().sum(dim=1)
+        out[s : s + 8192, :dim] = centred.mul_(-2.0)
+    return out
+
+
+def _augmented_queries(q: Tensor, center: Tensor) -> Tensor:
+    out = torch.empty(q.shape[0], q.shape[1] + 1, dtype=q.dtype, device=q.device)
+    out[:, :-1] = q - center
+    out[:, -1] = 1.0
+    return out
+
+
+class _CandidateLists:
+    """Running lists of the ``width`` smallest scores (and their reference rows) per query.
+
+    On the CPU a Numba kernel (``ldreg._knn_cpu``) keeps each list as a max-heap and
+    scans a score block once, touching a list only when a score beats its current worst
+    -- about one comparison per score, split over ``torch.get_num_threads()`` threads
+    (the kernel releases the GIL). ``torch.topk`` over every score would cost more than
+    the GEMM that produced them. Elsewhere (CUDA), or without Numba,
+    :func:`_merge_candidates` does it with torch ops.
+    Use as a context manager (it owns the CPU thread pool).
+    """
+
+    def __init__(
+        self, n_queries: int, width: int, dtype: torch.dtype, device: torch.device, n_scores: int
+    ):
+        self.values = torch.full((n_queries, width), math.inf, dtype=dtype, device=device)
+        self.indices = torch.zeros(n_queries, width, dtype=torch.long, device=device)
+        # Small searches (a training batch) are not worth a thread pool or loading Numba.
+        on_cpu = self.values.device.type == "cpu"
+        self._kernel = _cpu_merge_kernel() if on_cpu and n_scores >= _KERNEL_MIN_SCORES else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._empty = torch.empty(0, dtype=dtype).numpy() if self._kernel else None
+
+    def __enter__(self) -> _CandidateLists:
+        if self._kernel is not None:
+            # One pool per search, never a global one: a pool inherited across fork()
+            # (Celery prefork workers) would deadlock.
+            self._pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def merge(self, row0: int, scores: Tensor, col0: int) -> None:
+        """Fold (queries, references) scores of query rows row0.. and reference rows col0.."""
+        if self._pool is None:
+            _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=False)
+        else:
+            self._run(row0, scores, col0, False, self._empty, self._empty)
+
+    def merge_transposed(
+        self, row0: int, scores: Tensor, col0: int, ref_norms: Tensor, query_norms: Tensor
+    ) -> None:
+        """Fold a (references, queries) block computed for the opposite roles: its entries
+        are |y_r|^2 - 2 x_r.y_q for reference r and query q, so the score of query q
+        against reference r is entry + ref_norms[r] - query_norms[q]."""
+        if self._pool is None:
+            scores.add_(ref_norms.unsqueeze(1)).sub_(query_norms.unsqueeze(0))
+            _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=True)
+        else:
+            self._run(row0, scores, col0, True, ref_norms.numpy(), query_norms.numpy())
+
+    def _run(self, row0, scores, col0, transposed, ref_norms, query_norms) -> None:
+        assert self._pool is not None and self._kernel is not None
+        n_rows = scores.shape[1] if transposed else scores.shape[0]
+        n_parts = min(self._pool._max_workers, n_rows)
+        bounds = [n_rows * p // n_parts for p in range(n_parts + 1)]
+        block, values, indices = scores.numpy(), self.values.numpy(), self.indices.numpy()
+        jobs = [
+            self._pool.submit(
+                self._kernel,
+                block,
+                col0,
+                values,
+                indices,
+                row0,
+                lo,
+                hi,
+                transposed,
+                ref_norms,
+                query_norms,
+            )
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        for job in jobs:
+            job.result()
+
+
+@functools.cache
+def _cpu_merge_kernel():
+    """``ldreg._knn_cpu.merge_block`` (a Numba kernel, compiled once and cached on disk),
+    or None where Numba is missing."""
+    try:
+        from ldreg._knn_cpu import merge_block
+    except ImportError:  # pragma: no cover - numba is a dependency; torch ops still work
+        return None
+    return merge_block
+
+
+def _merge_candidates(
+    best_v: Tensor, best_i: Tensor, row0: int, scores: Tensor, col0: int, *, transposed: bool
+) -> None:
+    """Fold a block of scores into the running candidates of query rows row0.. .
+
+    ``scores`` is (queries, references) -- or (references, queries) with ``transposed``
+    -- and reference c of the block is reference row col0 + c. ``topk`` over every
+    score costs more than the GEMM that produced them, so once every query holds a full
+    candidate list only the scores below its current worst candidate (typically a
+    handful per query) are extracted and merged.
+    """
+    width = best_v.shape[1]
+    n_rows = scores.shape[1] if transposed else scores.shape[0]
+    rows = slice(row0, row0 + n_rows)
+    threshold = best_v[rows].amax(dim=1)
+    if bool(torch.isinf(threshold).any()):
+        block = scores.T.contiguous() if transposed else scores
+        v, i = block.topk(min(width, block.shape[1]), dim=1, largest=False, sorted=False)
+    else:
+        if transposed:
+            # Transposing the boolean mask (a quarter of the bytes) keeps the hits grouped
+            # by query without a sort.
+            hits = (scores < threshold.unsqueeze(0)).T.contiguous()
+            row, col = hits.nonzero(as_tuple=True)
+            values = scores[col, row]
+        else:
+            row, col = (scores < threshold.unsqueeze(1)).nonzero(as_tuple=True)
+            values = scores[row, col]
+        if row.numel() == 0:
+            return
+        per_row = torch.bincount(row, minlength=n_rows)
+        slot = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(0) - per_row)[row]
+        most = int(per_row.max())
+        v = torch.full((n_rows, most), math.inf, dtype=scores.dtype, device=scores.device)
+        i = torch.zeros((n_rows, most), dtype=torch.long, device=scores.device)
+        v[row, slot] = values
+        i[row, slot] = col
+    v = torch.cat([best_v[rows], v], dim=1)
+    i = torch.cat([best_i[rows], i + col0], dim=1)
+    v, keep = v.topk(width, dim=1, largest=False, sorted=False)
+    best_v[rows] = v
+    best_i[rows] = i.gather(1, keep)
 
 
 def _rows_per_chunk(width: int, dim: int, elem: int, block_bytes: int) -> int:
@@ -300,11 +480,20 @@ def _rows_per_chunk(width: int, dim: int, elem: int, block_bytes: int) -> int:
 
 def _pair_distances(q: Tensor, ref: Tensor, indices: Tensor, block_bytes: int) -> Tensor:
     """||q_i - ref[indices[i, j]]|| computed from differences (exact zeros for duplicates)."""
-    out = torch.empty(indices.shape, dtype=q.dtype, device=q.device)
-    step = _rows_per_chunk(indices.shape[1], q.shape[1], q.element_size(), block_bytes)
-    for s in range(0, q.shape[0], step):
-        diff = q[s : s + step].unsqueeze(1) - ref[indices[s : s + step]]
-        out[s : s + step] = torch.linalg.vector_norm(diff, dim=2)
+    n, width = indices.shape
+    dim = q.shape[1]
+    out = torch.empty(n, width, dtype=q.dtype, device=q.device)
+    # Memory-bound: one reused buffer avoids allocating (and page-faulting) a fresh
+    # (rows, width, D) tensor per step.
+    step = min(n, _rows_per_chunk(width, dim, q.element_size(), block_bytes))
+    buffer = torch.empty(step * width, dim, dtype=q.dtype, device=q.device)
+    for s in range(0, n, step):
+        flat = indices[s : s + step].reshape(-1)
+        gathered = buffer[: flat.numel()]
+        torch.index_select(ref, 0, flat, out=gathered)
+        diff = gathered.view(-1, width, dim)
+        diff.sub_(q[s : s + step].unsqueeze(1))
+        torch.linalg.vector_norm(diff, dim=2, out=out[s : s + step])
     return out
 
 
