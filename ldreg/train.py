@@ -15,7 +15,7 @@ same weights as one that never stopped. The library prints nothing; the sink dec
 
 from __future__ import annotations
 
-import logging
+import gc
 import math
 import random
 import time
@@ -31,7 +31,12 @@ from torch import Tensor, nn
 
 from ldreg import ddp
 from ldreg.backbones import build_backbone
-from ldreg.checkpoint import atomic_torch_save, load_latest_checkpoint, save_checkpoint
+from ldreg.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from ldreg.data import DatasetBundle, build_datasets, derive_seed, make_eval_loader, make_ssl_loader
 from ldreg.errors import NonFiniteLossError, TrainingCancelled, UserError
 from ldreg.evaluation import (
@@ -46,8 +51,6 @@ from ldreg.optim import build_optimizer, cosine_lr, scaled_lr, set_lr
 from ldreg.regularizer import LDReg
 from ldreg.sink import NullSink, TrainingSink
 from ldreg.spec import PretrainSpec
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 BACKBONE_FORMAT = "ldreg-backbone-v1"
@@ -328,16 +331,22 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     args = (spec, run_dir, Path(data_root), device, resume)
-    if spec.devices > 1:
-        device_type = torch.device(device).type
-        return ddp.launch(
-            _train_rank,
-            spec.devices,
-            device_type=device_type,
-            args=args,
-            rank0_kwargs={"sink": sink},
-        )
-    return _train_rank(0, 1, *args, sink=sink)
+    try:
+        if spec.devices > 1:
+            device_type = torch.device(device).type
+            return ddp.launch(
+                _train_rank,
+                spec.devices,
+                device_type=device_type,
+                args=args,
+                rank0_kwargs={"sink": sink},
+            )
+        return _train_rank(0, 1, *args, sink=sink)
+    finally:
+        if torch.device(device).type == "cuda":
+            # One job after another in the same worker: hand cached blocks back.
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def _train_rank(
@@ -353,8 +362,11 @@ def _train_rank(
     sink = sink if sink is not None else NullSink()
     main = _is_main(rank)
     device = torch.device(device_name)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", rank)
+    if device.type == "cuda":
+        if world_size > 1:
+            device = torch.device("cuda", rank)
+        # Fixed input shapes: let cuDNN pick the fastest convolution algorithms.
+        torch.backends.cudnn.benchmark = True
 
     bundle = build_datasets(spec.dataset, data_root=data_root, seed=spec.seed)
     model = build_train_module(spec, image_size=bundle.image_size, num_classes=bundle.num_classes)
@@ -401,8 +413,6 @@ def _train_rank(
             chosen = None if found is None else str(found[1])
         chosen = _broadcast_object(chosen)
         if chosen is not None:
-            from ldreg.checkpoint import load_checkpoint
-
             state = load_checkpoint(Path(chosen))
             _check_resumable(state, spec, Path(chosen))
             model.load_state_dict(state["model"])

@@ -3,6 +3,8 @@ process, and ``pretrain(devices=2)`` trains with only rank 0 writing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,3 +86,64 @@ def test_two_processes_match_one_process_on_the_same_global_batch():
         for name, grad in one["grads"].items():
             error = (two["grads"][name] - grad).norm().item()
             assert error <= 1e-4 * grad.norm().item() + 1e-5, f"{method} {name}: {error}"
+
+
+class StopAfterFirstEpoch:
+    """A sink on rank 0 that asks to stop once epoch 1 has ended."""
+
+    def __init__(self) -> None:
+        self.starts: list[dict] = []
+        self.epochs: list[int] = []
+        self.checkpoints: list[int] = []
+        self.stop = True
+
+    def on_train_start(self, **kw) -> None:
+        self.starts.append(kw)
+
+    def on_step(self, **kw) -> None:
+        pass
+
+    def on_epoch_end(self, *, epoch: int, step: int, metrics: dict) -> None:
+        self.epochs.append(epoch)
+
+    def on_checkpoint(self, *, epoch: int, path: Path) -> None:
+        self.checkpoints.append(epoch)
+
+    def should_stop(self) -> bool:
+        return self.stop and bool(self.epochs)
+
+
+def test_two_process_pretrain_stops_together_and_resumes_from_rank_zeros_checkpoint(tmp_path):
+    from ldreg.data import build_datasets, make_ssl_loader
+    from ldreg.errors import TrainingCancelled
+    from ldreg.train import pretrain
+
+    spec = _spec("simclr").model_copy(update={"epochs": 2})
+    sink = StopAfterFirstEpoch()
+    with pytest.raises(TrainingCancelled, match="after epoch 1"):
+        pretrain(spec, run_dir=tmp_path, data_root=tmp_path, sink=sink, device="cpu")
+    bundle = build_datasets(spec.dataset, data_root=tmp_path, seed=0)
+    shard = make_ssl_loader(
+        bundle.train,
+        kind="simclr",
+        image_size=IMAGE_SIZE,
+        mean=bundle.mean,
+        std=bundle.std,
+        batch_size=GLOBAL_BATCH // 2,
+        seed=0,
+        epoch=1,
+        rank=0,
+        world_size=2,
+    )
+    assert sink.starts[0]["steps_per_epoch"] == len(shard), "each rank trains on its half"
+    assert sink.epochs == [1] and sink.checkpoints == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch_0001.pt",
+        "epoch_0001.pt.sha256",
+    ], "one writer: rank 0"
+
+    sink.stop = False
+    summary = pretrain(spec, run_dir=tmp_path, data_root=tmp_path, sink=sink, device="cpu")
+    assert sink.starts[1]["start_epoch"] == 2 and sink.epochs == [1, 2]
+    assert summary["ldreg_loss"] < 0 and 0.0 <= summary["knn_acc"] <= 1.0
+    assert (tmp_path / "backbone.pt").is_file()
