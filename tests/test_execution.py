@@ -366,3 +366,16 @@ def test_hand_back_only_touches_queued_jobs(db: str) -> None:
         r = sweep(session=s, stale_after=timedelta(seconds=30), requeue_after=timedelta(hours=1))
     published = [jid for jid, _ in r.republish]
     assert queued in published and running not in published
+
+
+def test_sweeper_sees_messages_waiting_on_the_filesystem_broker(tmp_path: Path) -> None:
+    from service.queue import enqueue_job
+    from service.settings import Settings
+    from worker.sweeper import waiting_in_broker
+
+    settings = Settings(home=tmp_path, database_url="sqlite://", broker_url="filesystem://")
+    waiting, lost = uuid.uuid4().hex, uuid.uuid4().hex
+    enqueue_job(settings, waiting, "cpu")
+    assert waiting_in_broker(settings, waiting, "cpu")
+    assert not waiting_in_broker(settings, waiting, "gpu")
+    assert not waiting_in_broker(settings, lost, "cpu")

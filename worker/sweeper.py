@@ -20,12 +20,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 
 from service.db import session_scope
 from service.execution import sweep
 from service.models import utcnow
-from service.queue import enqueue_job
+from service.queue import celery_app, enqueue_job
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("ldreg.sweeper")
@@ -43,23 +44,66 @@ def sweep_once(settings: Settings) -> dict[str, int]:
     # Published after the commit: a worker must find the job queued when the message
     # arrives. A failed publish is retried by a later sweep (enqueued_at is old again
     # after requeue_after_seconds).
-    for job_id, queue in result.to_publish:
-        try:
-            enqueue_job(settings, job_id, queue)
-        except Exception:
-            log.warning("could not publish job %s; will retry later", job_id, exc_info=True)
+    for job_id, queue in result.requeued:
+        _publish(settings, job_id, queue)
+    republished = 0
+    for job_id, queue in result.republish:
+        # A job that merely waits behind others still has its message in the queue;
+        # publishing again would only pile up duplicates (harmless, but each one
+        # costs a worker a fresh child process). Re-publish only what is gone.
+        if waiting_in_broker(settings, job_id, queue):
+            continue
+        republished += _publish(settings, job_id, queue)
+        log.info("job %s: queued for long and its message is gone, re-published", job_id)
     for job_id, _ in result.requeued:
         log.warning("job %s: worker lost (stale heartbeat), re-queued to resume", job_id)
     for job_id in result.failed:
         log.warning("job %s: worker lost and no attempts left, failed", job_id)
-    for job_id, _ in result.republish:
-        log.info("job %s: queued for long, message re-published", job_id)
     return {
         "requeued": len(result.requeued),
         "failed": len(result.failed),
         "cancelled": len(result.cancelled),
-        "republished": len(result.republish),
+        "republished": republished,
     }
+
+
+def _publish(settings: Settings, job_id: str, queue: str) -> bool:
+    try:
+        enqueue_job(settings, job_id, queue)
+        return True
+    except Exception:
+        log.warning("could not publish job %s; will retry later", job_id, exc_info=True)
+        return False
+
+
+def waiting_in_broker(settings: Settings, job_id: str, queue: str) -> bool:
+    """Whether a message for ``job_id`` is still on its way to a worker: waiting in
+    ``queue``, or (Redis) reserved by a worker moments ago and about to start. The job
+    id appears verbatim in the message (``argsrepr`` header on Redis, the JSON file on
+    the filesystem broker). A reservation older than ``requeue_after_seconds`` belongs
+    to a worker that died before starting it: that one counts as lost. When unsure,
+    False: re-publish (a duplicate is harmless)."""
+    needle = job_id.encode()
+    try:
+        if settings.broker_url.startswith(("redis://", "rediss://")):
+            with celery_app(settings).connection_for_write() as conn:
+                channel = conn.default_channel
+                client = channel.client
+                if any(needle in m for m in client.lrange(queue, 0, -1)):
+                    return True
+                fresh_after = time.time() - settings.requeue_after_seconds
+                for tag, raw in client.hscan_iter(channel.unacked_key):
+                    if needle in raw:
+                        reserved_at = client.zscore(channel.unacked_index_key, tag)
+                        if reserved_at is not None and reserved_at > fresh_after:
+                            return True
+                return False
+        if settings.broker_url.startswith("filesystem://"):
+            folder = settings.broker_dir / "queue"
+            return any(needle in f.read_bytes() for f in folder.glob(f"*.{queue}.msg"))
+    except Exception:
+        log.debug("could not look into the broker queue %s", queue, exc_info=True)
+    return False
 
 
 def run_forever(settings: Settings, stop: threading.Event, parent_pid: int | None = None) -> None:
