@@ -50,13 +50,16 @@ Degenerate neighbourhoods (documented policy; no estimator returns NaN or inf):
   pairwise measurements carry no information (r_k = 0, or Amsaleg et al.'s boundary
   case 5: all measurements equal r_k), instead of the 0 the MATLAB code returns.
 
-Exact k-NN search in bounded memory (``knn``): queries are processed in chunks, a
-candidate list of k + margin neighbours per query comes from the fast expansion
-|y|^2 - 2 x.y of the centred data with ``topk`` (never a full sort or an N x N
-matrix for large N), and the candidates' distances are then recomputed directly as
-||x - y|| (no cancellation: duplicates come out exactly 0) and re-ranked. Distances
-are differentiable with respect to ``x`` and ``reference`` through a custom backward
-that never materialises an (N, k, D) tensor outside a chunk.
+Exact k-NN search in bounded memory (``knn``): the score matrix |y|^2 - 2 x.y of the
+centred data is computed block by block with one GEMM per block (never an N x N
+matrix, never a full sort); each block is folded into running lists of k + margin
+candidates per query (a Numba heap kernel on the CPU, ``topk`` on CUDA); when the
+reference is ``x`` itself only the upper triangle of blocks is multiplied, each block
+serving both orientations. The candidates' distances are then recomputed directly as
+||x - y|| (no cancellation: duplicates come out exactly 0) and re-ranked, so rounding
+in the expansion cannot change the result. Distances are differentiable with respect
+to ``x`` and ``reference`` through a custom backward that never materialises an
+(N, k, D) tensor outside a chunk.
 """
 
 from __future__ import annotations
@@ -173,10 +176,10 @@ def knn(
         self_offset: ``x[i]`` is ``reference[self_offset + i]`` and is excluded from its
             own neighbours by index. Implied (0) when ``reference`` is None; give it when
             the reference is a gathered batch that contains ``x`` (as LDReg does).
-        chunk_size: queries per chunk; default sized from ``block_bytes``.
-        block_bytes: memory one block of query-reference distances (and one chunk of
-            gathered neighbours) may use; the reference is split into blocks, with a
-            running top-k merge, when a chunk of queries against all of it would not fit.
+        chunk_size: queries per block of the score matrix (its side when ``reference``
+            is None); default sized from ``block_bytes``.
+        block_bytes: memory one block of scores (and one chunk of gathered neighbours)
+            may use; peak memory beyond the inputs is about this plus O(N k).
 
     Distances are float32 (float64 if an input is float64) and differentiable with
     respect to ``x`` and ``reference``; indices point into ``reference``.
@@ -360,13 +363,14 @@ class _CandidateLists:
         on_cpu = self.values.device.type == "cpu"
         self._kernel = _cpu_merge_kernel() if on_cpu and n_scores >= _KERNEL_MIN_SCORES else None
         self._pool: ThreadPoolExecutor | None = None
+        self._workers = max(1, torch.get_num_threads())
         self._empty = torch.empty(0, dtype=dtype).numpy() if self._kernel else None
 
     def __enter__(self) -> _CandidateLists:
         if self._kernel is not None:
             # One pool per search, never a global one: a pool inherited across fork()
             # (Celery prefork workers) would deadlock.
-            self._pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+            self._pool = ThreadPoolExecutor(max_workers=self._workers)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -384,9 +388,9 @@ class _CandidateLists:
     def merge_transposed(
         self, row0: int, scores: Tensor, col0: int, ref_norms: Tensor, query_norms: Tensor
     ) -> None:
-        """Fold a (references, queries) block computed for the opposite roles: its entries
-        are |y_r|^2 - 2 x_r.y_q for reference r and query q, so the score of query q
-        against reference r is entry + ref_norms[r] - query_norms[q]."""
+        """Fold a block computed with the roles swapped: entry (r, q) is
+        |y_q|^2 - 2 y_r.y_q (centred), so query q's score against reference r,
+        |y_r|^2 - 2 y_r.y_q, is entry + ref_norms[r] - query_norms[q]."""
         if self._pool is None:
             scores.add_(ref_norms.unsqueeze(1)).sub_(query_norms.unsqueeze(0))
             _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=True)
@@ -396,7 +400,7 @@ class _CandidateLists:
     def _run(self, row0, scores, col0, transposed, ref_norms, query_norms) -> None:
         assert self._pool is not None and self._kernel is not None
         n_rows = scores.shape[1] if transposed else scores.shape[0]
-        n_parts = min(self._pool._max_workers, n_rows)
+        n_parts = min(self._workers, n_rows)
         bounds = [n_rows * p // n_parts for p in range(n_parts + 1)]
         block, values, indices = scores.numpy(), self.values.numpy(), self.indices.numpy()
         jobs = [
@@ -576,24 +580,27 @@ def _result_dtype(dists: Tensor) -> torch.dtype:
     return torch.float64 if dists.dtype == torch.float64 else torch.float32
 
 
+_MLE_VARIANTS = ("ldreg", "levina_bickel")
+_MOM_VARIANTS = ("ldreg", "amsaleg")
+
+
+def _check_variant(variant: str, allowed: tuple[str, ...], name: str) -> None:
+    if variant not in allowed:
+        options = " or ".join(repr(a) for a in allowed)
+        raise LIDInputError(f"unknown {name} variant {variant!r}; use {options}")
+
+
 def _mle(rho: Tensor, variant: str) -> Tensor:
+    _check_variant(variant, _MLE_VARIANTS, "MLE")
     k = rho.shape[1]
     # sum_{i<k} ln(r_k / r_i); the i = k term is ln 1 = 0.
     log_sum = (-torch.log(rho[:, :-1])).sum(dim=1).clamp(min=(k - 1) * RATIO_FLOOR)
-    if variant == "ldreg":
-        return k / log_sum
-    if variant == "levina_bickel":
-        return (k - 1) / log_sum
-    raise LIDInputError(f"unknown MLE variant {variant!r}; use 'ldreg' or 'levina_bickel'")
+    return (k if variant == "ldreg" else k - 1) / log_sum
 
 
 def _mom(rho: Tensor, variant: str) -> Tensor:
-    if variant == "ldreg":
-        m = rho[:, :-1].mean(dim=1)
-    elif variant == "amsaleg":
-        m = rho.mean(dim=1)
-    else:
-        raise LIDInputError(f"unknown MoM variant {variant!r}; use 'ldreg' or 'amsaleg'")
+    _check_variant(variant, _MOM_VARIANTS, "MoM")
+    m = rho[:, :-1].mean(dim=1) if variant == "ldreg" else rho.mean(dim=1)
     return m / (1.0 - m).clamp(min=RATIO_FLOOR)
 
 
@@ -714,8 +721,9 @@ def lid_mle(
         of available neighbours.
     """
     _check_k(k)
+    _check_variant(variant, _MLE_VARIANTS, "MLE")
     dists = knn_distances(x, k, reference, self_offset=self_offset, chunk_size=chunk_size)
-    return lid_from_distances(dists, "mle", variant=variant)
+    return _mle(_ratios(dists), variant).to(_result_dtype(dists))
 
 
 def lid_mom(
@@ -734,8 +742,9 @@ def lid_mom(
     al. 2018; = ``skdim.id.MOM().fit(X, n_neighbors=k).dimension_pw_``).
     """
     _check_k(k)
+    _check_variant(variant, _MOM_VARIANTS, "MoM")
     dists = knn_distances(x, k, reference, self_offset=self_offset, chunk_size=chunk_size)
-    return lid_from_distances(dists, "mom", variant=variant)
+    return _mom(_ratios(dists), variant).to(_result_dtype(dists))
 
 
 def lid_tle_from_knn(

@@ -54,7 +54,8 @@ class LDReg(nn.Module):
     they come from it (gathered too when ``gather_distributed``); if the reference
     contains the features themselves at rows ``self_offset : self_offset + N`` (e.g.
     ``torch.cat([features, target_features])``), give ``self_offset`` so those rows are
-    excluded by index (shifted to this rank's block after gathering). Returns a scalar.
+    excluded by index (shifted to this rank's block after gathering). Returns a scalar;
+    NaN when the features contain NaN or inf.
     """
 
     def __init__(
@@ -119,6 +120,10 @@ class LDReg(nn.Module):
     def forward(
         self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
     ) -> Tensor:
+        if features.ndim >= 2 and not bool(torch.isfinite(features).all()):
+            # A diverged model, not bad input: a NaN loss lets the training loop report
+            # it as a non-finite loss with its epoch and step.
+            return self.alpha * (features.sum() * math.nan)
         log_lids = torch.log(self.local_lids(features, reference, self_offset=self_offset))
         penalty = -log_lids.abs() if self.form == "l1" else -log_lids
         return self.alpha * penalty.mean()

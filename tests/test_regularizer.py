@@ -110,6 +110,15 @@ def test_self_offset_excludes_the_features_inside_an_extended_reference():
     torch.testing.assert_close(loss, want)
 
 
+def test_non_finite_features_give_a_nan_loss_for_the_training_loop_to_report():
+    features = batch_features(64, 8, seed=9)
+    features[3, 2] = float("inf")
+    features.requires_grad_(True)
+    loss = LDReg(alpha=0.01, k=8)(features)
+    assert torch.isnan(loss)
+    loss.backward()  # still part of the graph
+
+
 def test_half_precision_features_give_a_finite_float32_loss_and_gradient():
     features = batch_features(128, 16, seed=7).half().requires_grad_(True)
     loss = LDReg(alpha=0.01, k=16)(features)
