@@ -417,7 +417,8 @@ def _train_rank(
             _check_resumable(state, spec, Path(chosen))
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+            if scaler.is_enabled() and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             start_epoch = int(state["epoch"]) + 1
             summary = state.get("summary")
