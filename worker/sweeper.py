@@ -80,9 +80,9 @@ def waiting_in_broker(settings: Settings, job_id: str, queue: str) -> bool:
     """Whether a message for ``job_id`` is still on its way to a worker: waiting in
     ``queue``, or (Redis) reserved by a worker moments ago and about to start. The job
     id appears verbatim in the message (``argsrepr`` header on Redis, the JSON file on
-    the filesystem broker). A reservation older than ``requeue_after_seconds`` belongs
-    to a worker that died before starting it: that one counts as lost. When unsure,
-    False: re-publish (a duplicate is harmless)."""
+    the filesystem broker). A reservation older than ``requeue_after_seconds`` (at
+    least a minute) belongs to a worker that died before starting it: that one counts
+    as lost. When unsure, False: re-publish (a duplicate is harmless)."""
     needle = job_id.encode()
     try:
         if settings.broker_url.startswith(("redis://", "rediss://")):
@@ -91,7 +91,9 @@ def waiting_in_broker(settings: Settings, job_id: str, queue: str) -> bool:
                 client = channel.client
                 if any(needle in m for m in client.lrange(queue, 0, -1)):
                     return True
-                fresh_after = time.time() - settings.requeue_after_seconds
+                # A live worker starts what it reserved within seconds (a new child
+                # process); only a reservation this old can belong to a dead one.
+                fresh_after = time.time() - max(settings.requeue_after_seconds, 60.0)
                 for tag, raw in client.hscan_iter(channel.unacked_key):
                     if needle in raw:
                         reserved_at = client.zscore(channel.unacked_index_key, tag)
