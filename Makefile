@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ldreg serve --demo
 
 test: $(STAMP)
+	bash scripts/ensure-browser.sh
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
