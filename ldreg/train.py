@@ -120,15 +120,24 @@ def ldreg_term(ldreg: LDReg, regularized: Tensor, extra: Tensor | None) -> Tenso
 
     The reference is both views of the whole batch (gathered by ``LDReg``), plus the
     method's extra rows (BYOL's target features) placed after the local rows; each
-    row's own entry is excluded by index. Non-finite features give a NaN term, so the
-    loop's NaN check (not the LID estimator's input check) reports the divergence.
+    row's own entry is excluded by index.
+
+    Non-finite inputs give a NaN term, so the loop's NaN check reports the divergence
+    (not the LID estimator's input check). The estimate still runs, on zeroed inputs,
+    so that every rank takes part in the reference gather whatever its own values.
     """
-    if not bool(torch.isfinite(regularized.detach()).all()):
-        return regularized.new_full((), float("nan"))
+    finite = bool(torch.isfinite(regularized.detach()).all())
+    if extra is not None:
+        finite = finite and bool(torch.isfinite(extra).all())
+    if not finite:
+        regularized = torch.nan_to_num(regularized.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        extra = None if extra is None else torch.zeros_like(extra)
     if extra is None:
-        return ldreg(regularized)
-    reference = torch.cat([regularized.detach(), extra.detach().to(regularized.dtype)])
-    return ldreg(regularized, reference, self_offset=0)
+        term = ldreg(regularized)
+    else:
+        reference = torch.cat([regularized.detach(), extra.detach().to(regularized.dtype)])
+        term = ldreg(regularized, reference, self_offset=0)
+    return term if finite else term + float("nan")
 
 
 def build_train_module(spec: PretrainSpec, *, image_size: int, num_classes: int) -> TrainModule:
