@@ -179,7 +179,8 @@ def knn(
         chunk_size: queries per block of the score matrix (its side when ``reference``
             is None); default sized from ``block_bytes``.
         block_bytes: memory one block of scores (and one chunk of gathered neighbours)
-            may use; peak memory beyond the inputs is about this plus O(N k).
+            may use. Peak memory beyond the inputs: one centred copy of the reference,
+            about ``block_bytes``, and the (N, k + margin) candidate lists.
 
     Distances are float32 (float64 if an input is float64) and differentiable with
     respect to ``x`` and ``reference``; indices point into ``reference``.
