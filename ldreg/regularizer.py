@@ -92,6 +92,27 @@ class LDReg(nn.Module):
         self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
     ) -> Tensor:
         """(N,) LIDs of the local samples, differentiable w.r.t. ``features``."""
+        queries, ref, offset = self._neighbourhood(features, reference, self_offset)
+        return self._estimate(queries, ref, offset)
+
+    def forward(
+        self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
+    ) -> Tensor:
+        queries, ref, offset = self._neighbourhood(features, reference, self_offset)
+        # Checked after the gather, so every rank has joined it and sees the same
+        # reference: if any rank diverged, all return NaN together instead of one rank
+        # leaving the collective (a deadlock) or raising an input error. The training
+        # loop reports a NaN loss with its epoch and step.
+        if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(ref).all())):
+            return self.alpha * (queries.sum() * math.nan)
+        log_lids = torch.log(self._estimate(queries, ref, offset))
+        penalty = -log_lids.abs() if self.form == "l1" else -log_lids
+        return self.alpha * penalty.mean()
+
+    def _neighbourhood(
+        self, features: Tensor, reference: Tensor | None, self_offset: int | None
+    ) -> tuple[Tensor, Tensor, int | None]:
+        """(queries, detached gathered reference, index of queries[0] in it or None)."""
         if features.ndim < 2 or features.shape[0] == 0:
             raise ValueError(
                 f"features must have shape (N, D, ...) with N >= 1, found {tuple(features.shape)}"
@@ -100,33 +121,23 @@ class LDReg(nn.Module):
         if reference is None:
             if self_offset is not None:
                 raise ValueError("self_offset only applies with an explicit reference")
-            ref, self_offset = self._gather(queries)
+            ref, offset = self._gather(queries)
             if ref.shape[0] <= self.k:
                 raise ValueError(
                     f"LDReg with k={self.k} needs more than {self.k} samples in the batch "
                     f"(all ranks, both views), found {ref.shape[0]}"
                 )
-        else:
-            if reference.ndim < 2:
-                raise ValueError(
-                    f"reference must have shape (M, D, ...), found {tuple(reference.shape)}"
-                )
-            ref, rank_offset = self._gather(reference.flatten(start_dim=1))
-            if self_offset is not None:
-                self_offset += rank_offset
+            return queries, ref, offset
+        if reference.ndim < 2:
+            raise ValueError(
+                f"reference must have shape (M, D, ...), found {tuple(reference.shape)}"
+            )
+        ref, rank_offset = self._gather(reference.flatten(start_dim=1))
+        return queries, ref, None if self_offset is None else self_offset + rank_offset
+
+    def _estimate(self, queries: Tensor, ref: Tensor, self_offset: int | None) -> Tensor:
         estimate = lid_mom if self.estimator == "mom" else lid_mle
         return estimate(queries, self.k, ref, self_offset=self_offset)
-
-    def forward(
-        self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
-    ) -> Tensor:
-        if features.ndim >= 2 and not bool(torch.isfinite(features).all()):
-            # A diverged model, not bad input: a NaN loss lets the training loop report
-            # it as a non-finite loss with its epoch and step.
-            return self.alpha * (features.sum() * math.nan)
-        log_lids = torch.log(self.local_lids(features, reference, self_offset=self_offset))
-        penalty = -log_lids.abs() if self.form == "l1" else -log_lids
-        return self.alpha * penalty.mean()
 
     def _gather(self, rows: Tensor) -> tuple[Tensor, int]:
         if self.gather_distributed:

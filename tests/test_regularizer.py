@@ -190,6 +190,11 @@ def _rank_main(rank_id: int, port: int, features: torch.Tensor, out_dir: str) ->
         result["gathered"] = gathered.detach()
         result["gather_grad"] = rows.grad
         result["offset"] = all_gather_rows(rows, keep_local_grad=False)[1]
+        # Rank 1 diverges: both ranks must still join the gather and both report NaN.
+        diverged = local.clone()
+        if rank_id == 1:
+            diverged[0, 0] = float("nan")
+        result["nan_loss"] = LDReg(alpha=0.5, k=8, gather_distributed=True)(diverged)
         torch.save(result, Path(out_dir) / f"rank{rank_id}.pt")
     finally:
         dist.destroy_process_group()
@@ -219,6 +224,7 @@ def test_two_gloo_ranks_reproduce_the_single_process_loss_and_gradients(tmp_path
             torch.testing.assert_close(
                 local_grad * n / total, single.grad[start : start + n], rtol=1e-4, atol=1e-7
             )
+    assert all(torch.isnan(res["nan_loss"]) for res in results)
     weights = torch.arange(total * 6, dtype=torch.float32).view(total, 6)
     for res, start, n in zip(results, starts, RANK_SIZES, strict=True):
         assert (res["rank"], res["world_size"], res["offset"]) == (starts.index(start), 2, start)
