@@ -186,9 +186,15 @@ def api_server(service_env: dict[str, str], service_home: Path) -> Iterator[str]
 
 @pytest.fixture
 def start_worker(
-    service_env: dict[str, str], service_home: Path
+    service_env: dict[str, str], service_home: Path, pg_url: str
 ) -> Iterator[Callable[..., ServiceProcess]]:
-    """Factory: start a real Celery worker (``ldreg worker``); all stopped at teardown."""
+    """Factory: start a real Celery worker (``ldreg worker``); all stopped at teardown.
+
+    Jobs that earlier tests left queued (API tests submit without a worker) would run
+    ahead of this test's on its worker; they are finished business, so they are
+    closed before the test's body submits anything.
+    """
+    close_leftover_jobs(pg_url)
     started: list[ServiceProcess] = []
 
     def _start(queues: str = "cpu", **extra_env: str) -> ServiceProcess:
@@ -201,6 +207,20 @@ def start_worker(
     yield _start
     for proc in started:
         proc.stop()
+
+
+def close_leftover_jobs(pg_url: str) -> None:
+    from sqlalchemy import update
+
+    from service.db import session_scope
+    from service.models import ACTIVE_STATES, Job, utcnow
+
+    with session_scope(pg_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.state.in_([st.value for st in ACTIVE_STATES]))
+            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
 
 
 def create_team(env: dict[str, str], name: str | None = None) -> str:

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ServiceProcess, create_team
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from client import ApiError, LDRegClient
 from service.db import session_scope
-from service.models import ACTIVE_STATES, Artifact, Job, Metric, utcnow
+from service.models import Artifact, Job, Metric
 
 LDREG = str(Path(sys.executable).with_name("ldreg"))
 SPEC_YAML = """\
@@ -45,17 +45,6 @@ def ldreg(*args: str, url: str, key: str | None, cwd: Path | None = None):
     return subprocess.run(
         [LDREG, *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
     )
-
-
-def cancel_other_teams_jobs(pg_url: str, team_key: str) -> None:
-    """Jobs earlier tests left queued would sit ahead of ours in the one worker's queue;
-    they are finished business for their tests, so close them."""
-    with session_scope(pg_url) as s:
-        s.execute(
-            update(Job)
-            .where(Job.state.in_([st.value for st in ACTIVE_STATES]))
-            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
-        )
 
 
 @pytest.fixture
@@ -211,7 +200,6 @@ def test_diagnose_uploads_waits_and_prints_the_lid_summary(
     start_worker: Callable[..., ServiceProcess],
 ) -> None:
     key = create_team(service_env)
-    cancel_other_teams_jobs(pg_url, key)
     rng = np.random.default_rng(0)
     # 400 points on a 5-dimensional subspace of R^32: LID near 5 at every k.
     x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 32))

@@ -26,10 +26,6 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
-from sqlalchemy import update
-
-from service.db import session_scope
-from service.models import ACTIVE_STATES, Job, utcnow
 
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots land in a temporary folder unless LDREG_SCREENSHOT_DIR names one; to
@@ -80,16 +76,6 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         yield driver
     finally:
         driver.quit()
-
-
-def cancel_leftover_jobs(pg_url: str) -> None:
-    """Jobs earlier tests left queued would run ahead of ours on the one worker."""
-    with session_scope(pg_url) as s:
-        s.execute(
-            update(Job)
-            .where(Job.state.in_([st.value for st in ACTIVE_STATES]))
-            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
-        )
 
 
 def wait(driver, condition: Callable, timeout: float, what: str):
@@ -156,7 +142,6 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     tmp_path: Path,
     start_worker: Callable[..., ServiceProcess],
 ) -> None:
-    cancel_leftover_jobs(pg_url)
     api = httpx.Client(
         base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
     )
