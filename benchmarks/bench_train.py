@@ -87,7 +87,22 @@ def bench_ldreg_cost(args: argparse.Namespace) -> dict[str, float]:
             off.append(step(False))
             on.append(step(True))
     base, reg = statistics.median(off), statistics.median(on)
-    return {"baseline_s": base, "ldreg_s": reg, "ratio": reg / base}
+    # The term alone on features of the step's shape: a drift-free estimate of its cost,
+    # since on a shared machine step-to-step noise can exceed the term itself.
+    features = torch.randn(2 * args.batch, model.method.feat_dim, requires_grad=True)
+    term = []
+    for _ in range(args.steps + 2):
+        start = time.perf_counter()
+        model.ldreg(features).backward()
+        term.append(time.perf_counter() - start)
+    term_s = statistics.median(term[2:])
+    return {
+        "baseline_s": base,
+        "ldreg_s": reg,
+        "ratio": reg / base,
+        "term_s": term_s,
+        "term_ratio": (base + term_s) / base,
+    }
 
 
 class StepTimes:
@@ -185,6 +200,10 @@ def main() -> None:
         print(
             f"LDReg cost:  without {r['baseline_s']:.3f} s/step, with {r['ldreg_s']:.3f} s/step,"
             f" ratio {r['ratio']:.4f} (target <= 1.03)"
+        )
+        print(
+            f"LDReg term alone (forward + backward): {r['term_s']:.3f} s,"
+            f" i.e. ratio {r['term_ratio']:.4f} on the step without it"
         )
     if args.only in (None, "framework"):
         r = bench_framework(args)

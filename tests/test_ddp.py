@@ -25,6 +25,7 @@ def _spec(method: str) -> PretrainSpec:
             "dataset": {"name": "synthetic", "image_size": IMAGE_SIZE, "num_samples": 64},
             "ldreg": {"k": 5, "warmup_epochs": 0, "alpha": 0.5},
             "method_options": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
+            "eval": {"lid_k": [4], "knn_k": [3], "max_samples": 64},
             "sync_bn": True,
             "devices": 2,
         }
