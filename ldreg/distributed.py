@@ -7,7 +7,9 @@ available or not initialised, so the same code runs with and without DDP.
 Ranks may hold different numbers of rows (the last batch of an epoch): the row
 counts are exchanged first and the tensors padded for ``all_gather``.
 
-Gradient semantics of :func:`gather_with_grad`: the gathered tensor's rows that came
+Two gradient semantics. :func:`gather_for_loss` (contrastive negatives, batch
+statistics of Barlow Twins / VICReg) sums every rank's gradient into the local rows.
+:func:`gather_with_grad`: the gathered tensor's rows that came
 from this rank are ``x`` itself (autograd flows into them); the other ranks' rows are
 constants. This is the cross-replica concatenation of SimCLR's TPU code; each rank
 back-propagates its own loss into its own rows and DDP averages parameter gradients.
@@ -21,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "all_gather_rows",
+    "gather_for_loss",
     "gather_no_grad",
     "gather_with_grad",
     "is_distributed",
@@ -84,3 +87,34 @@ def gather_no_grad(x: Tensor) -> Tensor:
     """``x`` from all ranks concatenated along dim 0, detached. ``x.detach()`` when not
     distributed."""
     return all_gather_rows(x, keep_local_grad=False)[0]
+
+
+class _GatherWithAllGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        gathered, offset = all_gather_rows(x.detach(), keep_local_grad=False)
+        ctx.rows = (offset, offset + x.shape[0])
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, end = ctx.rows
+        return grad[start:end]
+
+
+def gather_for_loss(x: Tensor) -> Tensor:
+    """``x`` from all ranks (rank order), for a loss computed over the global batch.
+
+    The backward sums every rank's gradient for this rank's rows before returning it,
+    as the VICReg authors' ``FullGatherLayer`` and lightly's ``GatherLayer``: a rank's
+    rows also appear as negatives (SimCLR) or in batch statistics (Barlow Twins,
+    VICReg) of the other ranks' losses, and only with those terms does DDP's gradient
+    average equal the single-process gradient of the same global batch.
+    (:func:`gather_with_grad` keeps only the local loss's gradient, which is right for
+    LDReg's detached reference but drops those terms.) Identity on one process.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithAllGradients.apply(x)

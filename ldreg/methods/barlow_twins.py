@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ldreg.methods.base import MethodOutput, SSLMethod, check_views, gather_for_loss, mlp
+from ldreg.distributed import gather_for_loss
+from ldreg.methods.base import MethodOutput, SSLMethod, check_views, mlp
 from ldreg.spec import PretrainSpec
 
 

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from ldreg import distributed
 from ldreg.spec import PretrainSpec
 
 
@@ -149,34 +147,3 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(
         list(target.parameters()), [p.detach() for p in online.parameters()], 1.0 - momentum
     )
-
-
-class _GatherWithAllGradients(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        gathered, offset = distributed.all_gather_rows(x.detach(), keep_local_grad=False)
-        ctx.rows = (offset, offset + x.shape[0])
-        return gathered
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start, end = ctx.rows
-        return grad[start:end]
-
-
-def gather_for_loss(x: Tensor) -> Tensor:
-    """``x`` from all ranks (rank order), for a loss computed over the global batch.
-
-    The backward sums every rank's gradient for this rank's rows before returning it,
-    as the VICReg authors' ``FullGatherLayer`` and lightly's ``GatherLayer``: a rank's
-    rows also appear as negatives (SimCLR) or in batch statistics (Barlow Twins,
-    VICReg) of the other ranks' losses, and only with those terms does DDP's gradient
-    average equal the single-process gradient of the same global batch.
-    (``ldreg.distributed.gather_with_grad`` keeps only the local loss's gradient — the
-    cross-replica concat of SimCLR's TPU code — which drops them.) Identity on one process.
-    """
-    if distributed.world_size() == 1:
-        return x
-    return _GatherWithAllGradients.apply(x)

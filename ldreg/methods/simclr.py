@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldreg import distributed
-from ldreg.methods.base import MethodOutput, SSLMethod, check_views, gather_for_loss, mlp
+from ldreg.distributed import gather_for_loss
+from ldreg.methods.base import MethodOutput, SSLMethod, check_views, mlp
 from ldreg.spec import PretrainSpec
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldreg.distributed import gather_for_loss
 from ldreg.methods.barlow_twins import off_diagonal
-from ldreg.methods.base import MethodOutput, SSLMethod, check_views, gather_for_loss, mlp
+from ldreg.methods.base import MethodOutput, SSLMethod, check_views, mlp
 from ldreg.spec import PretrainSpec
 
 
