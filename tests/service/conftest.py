@@ -186,15 +186,17 @@ def api_server(service_env: dict[str, str], service_home: Path) -> Iterator[str]
 
 @pytest.fixture
 def start_worker(
-    service_env: dict[str, str], service_home: Path, pg_url: str
+    service_env: dict[str, str], service_home: Path, pg_url: str, redis_url: str
 ) -> Iterator[Callable[..., ServiceProcess]]:
     """Factory: start a real Celery worker (``ldreg worker``); all stopped at teardown.
 
     Jobs that earlier tests left queued (API tests submit without a worker) would run
     ahead of this test's on its worker; they are finished business, so they are
-    closed before the test's body submits anything.
+    closed, and their messages dropped, before the test's body submits anything. No
+    worker runs at this point (earlier tests' workers were stopped at their teardown).
     """
     close_leftover_jobs(pg_url)
+    redis.Redis.from_url(redis_url).flushdb()
     started: list[ServiceProcess] = []
 
     def _start(queues: str = "cpu", **extra_env: str) -> ServiceProcess:
