@@ -117,6 +117,11 @@ class ServiceStateCollector(Collector):
     def settings(self) -> Settings:
         return self._settings()
 
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Without this, registering the collector calls collect(): a database and broker
+        # round trip at app start-up, which can hang start-up while the database is down.
+        return []
+
     def collect(self) -> Iterable[GaugeMetricFamily]:
         db_up = GaugeMetricFamily("ldreg_database_up", "1 if the database answered this scrape")
         try:
