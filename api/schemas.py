@@ -37,6 +37,9 @@ JobCreate = Annotated[PretrainJobCreate | DiagnoseJobCreate, Field(discriminator
 class Progress(BaseModel):
     epoch: int
     epochs: int
+    # Finer than epochs: steps of a training run, or points done in a diagnosis
+    # (which has no epochs); null until the worker first reports.
+    fraction: float | None = None
 
 
 class JobError(BaseModel):
@@ -69,7 +72,11 @@ class JobOut(BaseModel):
             name=job.name,
             state=job.state,  # type: ignore[arg-type]
             attempt=job.attempt,
-            progress=Progress(epoch=job.progress_epoch, epochs=job.progress_epochs),
+            progress=Progress(
+                epoch=job.progress_epoch,
+                epochs=job.progress_epochs,
+                fraction=job.progress_fraction,
+            ),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

@@ -22,9 +22,14 @@ class _Model(BaseModel):
 class Progress(_Model):
     epoch: int = 0
     epochs: int = 0
+    # The server's finer measure (steps of a run, points of a diagnosis), when reported.
+    fraction: float | None = None
 
     @property
-    def fraction(self) -> float:
+    def done(self) -> float:
+        """Share of the work done: the server's fraction when known, else by epochs."""
+        if self.fraction is not None:
+            return self.fraction
         return self.epoch / self.epochs if self.epochs else 0.0
 
 

@@ -159,7 +159,7 @@ def test_job_model_keeps_unknown_fields_and_reads_the_ldreg_switch() -> None:
             "new_field": 1,
         }
     )
-    assert (job.method, job.ldreg_on, job.finished, job.progress.fraction) == (
+    assert (job.method, job.ldreg_on, job.finished, job.progress.done) == (
         "byol",
         False,
         False,

@@ -86,7 +86,7 @@ def test_submit_returns_201_with_the_job_as_designed(client: httpx.Client, pg_ur
     assert set(job) == JOB_KEYS
     assert job["kind"] == "pretrain" and job["name"] == "first"
     assert job["state"] == "queued" and job["attempt"] == 0
-    assert job["progress"] == {"epoch": 0, "epochs": 2}
+    assert job["progress"] == {"epoch": 0, "epochs": 2, "fraction": None}
     assert job["error"] is None and job["started_at"] is None and job["finished_at"] is None
     # The stored spec is the normalised one: defaults spelled out.
     assert job["spec"]["optimizer"]["name"] == "lars" and job["spec"]["ldreg"]["k"] == 8

@@ -84,6 +84,7 @@ def test_uploaded_embeddings_are_diagnosed_and_compared(client: httpx.Client, st
     job_b = submit_diagnose(client, {"upload_id": second}, **spec)
 
     done_a = wait_for(client, job_a, succeeded, worker=worker, timeout=120)
+    assert done_a["progress"]["fraction"] == 1.0  # diagnoses report points done
     summary = done_a["summary"]
     # DESIGN.md's shape: estimator → k (as a string) → geometric-mean LID.
     assert set(summary["lid_gmean"]) == {"mle", "mom"}
