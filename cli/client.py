@@ -267,9 +267,11 @@ def _watch(api: LDRegClient, job_id: str, interval: float) -> Job:
             progress.update(
                 task,
                 description=f"{job.name or job.id[:12]} {job.state}",
-                # Without epochs (a diagnosis): a pulsing bar, full once finished.
-                completed=job.progress.epoch if job.progress.epochs else int(job.finished),
-                total=job.progress.epochs or (1 if job.finished else None),
+                # Without epochs (a diagnosis): the share of points done once the
+                # worker reports it, a pulsing bar before that.
+                completed=job.progress.epoch if job.progress.epochs else job.progress.done,
+                total=job.progress.epochs
+                or (1 if job.finished or job.progress.fraction is not None else None),
                 eta=_fmt_duration(_eta_seconds(job, series)),
                 epochs=f"epoch {_progress_text(job)}" if job.progress.epochs else "",
             )
