@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 
 from api.errors import install_error_handlers
 from api.observability import install_observability
+from api.reads import close_reads
 from api.routes import compare, dashboard, health, jobs, uploads
 from service.logging import configure_logging
 from service.settings import Settings, get_settings
@@ -43,6 +44,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         target=_warm_publisher, args=(app.state.settings,), name="warm-publisher", daemon=True
     ).start()
     yield
+    await close_reads(app.state)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,6 +1,11 @@
 """Typed dependencies: a route's signature says everything it needs.
 
-def get_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut: ...
+def list_jobs(session: SessionDep, team: CurrentTeam) -> JobList: ...
+
+The key check runs on the event loop (api/reads.py); only routes that take a
+``SessionDep`` use a worker thread and an ORM session, which is opened in the route's
+own thread hop and never held across hops (so a burst of requests cannot exhaust the
+threadpool with threads waiting for connections that idle requests hold).
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from service import auth
+from api.reads import Reads, reads_for
 from service.db import session_factory
 from service.models import Team
 from service.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -40,23 +45,37 @@ SessionDep = Annotated[Session, Depends(get_db)]
 bearer_scheme = HTTPBearer(auto_error=False, description="a team API key (ldr_...)")
 
 
-def current_team(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> Team:
+async def get_reads(request: Request, settings: SettingsDep) -> Reads:
+    return await reads_for(request.app.state, settings.database_url)
+
+
+ReadsDep = Annotated[Reads, Depends(get_reads)]
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def api_key(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None:
         raise ApiError(
             401,
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": 'Bearer realm="ldreg"'},
         )
-    team = auth.authenticate(session=session, token=credentials.credentials)
+    return credentials.credentials
+
+
+def invalid_key() -> ApiError:
+    return ApiError(
+        401,
+        "invalid or revoked API key",
+        headers={"WWW-Authenticate": 'Bearer realm="ldreg", error="invalid_token"'},
+    )
+
+
+async def current_team(reads: ReadsDep, credentials: Credentials) -> Team:
+    team = await reads.team_for_key(api_key(credentials))
     if team is None:
-        raise ApiError(
-            401,
-            "invalid or revoked API key",
-            headers={"WWW-Authenticate": 'Bearer realm="ldreg", error="invalid_token"'},
-        )
+        raise invalid_key()
     return team
 
 

@@ -7,7 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep
+from api.deps import (
+    Credentials,
+    CurrentTeam,
+    ReadsDep,
+    SessionDep,
+    SettingsDep,
+    api_key,
+    invalid_key,
+)
 from api.errors import ApiError
 from api.schemas import (
     ArtifactList,
@@ -84,12 +92,19 @@ def list_jobs(
     return JobList(jobs=[JobOut.from_job(j) for j in page.jobs], next_cursor=page.next_cursor)
 
 
-@router.get("/{job_id}")
-def get_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
-    job = jobs.get_job(session=session, team=team, job_id=job_id)
-    if job is None:
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, reads: ReadsDep, credentials: Credentials) -> Response:
+    """One job: state, progress, error and summary.
+
+    What dashboards and ``ldreg watch`` poll, so it is the cheapest route: the key check
+    and the fetch are one query on the event loop (api/reads.py), serialized once.
+    """
+    found = await reads.job_for_key(api_key(credentials), job_id)
+    if found.team_id is None:
+        raise invalid_key()
+    if found.job is None:
         raise ApiError(404, f"no job {job_id} in your team", field="id")
-    return JobOut.from_job(job)
+    return Response(JobOut.from_job(found.job).model_dump_json(), media_type="application/json")
 
 
 @router.get("/{job_id}/metrics")

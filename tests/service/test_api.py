@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -375,6 +376,13 @@ def test_unreachable_database_is_503_never_500(api_without_database) -> None:
     assert "Traceback" not in r.text
     r = httpx.post(f"{base}/v1/jobs", headers=auth, json={"kind": "pretrain", "spec": PRETRAIN})
     assert r.status_code == 503
+    # The event-loop read path (api/reads.py) too, and promptly: a refused connection
+    # is not waited on.
+    started = time.monotonic()
+    r = httpx.get(f"{base}/v1/jobs/{'0' * 32}", headers=auth)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+    assert r.headers["Retry-After"] == "5" and "Traceback" not in r.text
+    assert time.monotonic() - started < 4
 
     ready = httpx.get(f"{base}/readyz")
     assert ready.status_code == 503

@@ -1,0 +1,253 @@
+"""The API's hot reads: API-key checks and ``GET /v1/jobs/{id}``, without the threadpool.
+
+Every authenticated request checks its key, and dashboards poll a job several times a
+second, so these two reads decide how many clients one API process can serve. They run
+on the event loop instead of in a worker thread:
+
+- **PostgreSQL**: an ``asyncpg`` pool; each read is one prepared statement. The key
+  check and the job fetch are one query (the job is outer-joined to the key), so a
+  poll costs a single round trip and a revoked key stops working at once — there is no
+  cache to go stale.
+- **Anything else** (the embedded SQLite default): the same statements on the
+  synchronous engine, in one worker-thread hop each, the connection returned before the
+  hop ends.
+
+Measured in benchmarks/bench_service.py ("Service"). The statements are built from the
+models (``service.models``), so a schema change reaches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import make_url
+
+from service.auth import KEY_PREFIX, hash_key
+from service.models import ApiKey, Job, Team
+
+# Connections per API process for these reads; a read holds one for a single round
+# trip, so a few serve hundreds of concurrent clients.
+POOL_MAX_SIZE = 8
+# How long a read waits to connect or for a free connection before it is answered 503
+# ("database_unavailable"): a client should hear quickly that the database is away.
+POOL_TIMEOUT_SECONDS = 2.0
+
+
+def _statements() -> dict[str, Any]:
+    keys, teams, jobs = ApiKey.__table__, Team.__table__, Job.__table__
+    live_key = (keys.c.key_hash == bindparam("key_hash")) & keys.c.revoked_at.is_(None)
+    team = (
+        select(teams.c.id, teams.c.name)
+        .select_from(keys.join(teams, teams.c.id == keys.c.team_id))
+        .where(live_key)
+    )
+    # One row per live key: the job's columns are all NULL when the team has no such job.
+    job = (
+        select(keys.c.team_id.label("key_team_id"), *jobs.c)
+        .select_from(
+            keys.outerjoin(
+                jobs, (jobs.c.team_id == keys.c.team_id) & (jobs.c.id == bindparam("job_id"))
+            )
+        )
+        .where(live_key)
+    )
+    return {"team": team, "job": job}
+
+
+@dataclass(frozen=True)
+class KeyedJob:
+    """What ``job_for_key`` found: ``team_id`` None means the key is not live;
+    ``job`` None means the team has no job with that id (or another team has it)."""
+
+    team_id: str | None
+    job: Any | None
+
+
+class Reads:
+    """The two hot reads over one database URL; one instance per app, made lazily on
+    the event loop that serves it (``reads_for``)."""
+
+    async def team_for_key(self, token: str) -> Team | None:
+        """The team owning ``token`` if it is a live key (not revoked), else None."""
+        if not _plausible(token):
+            return None
+        row = await self._first("team", {"key_hash": hash_key(token)})
+        # Detached: the routes use only the id (and the name in logs).
+        return Team(id=row["id"], name=row["name"]) if row is not None else None
+
+    async def job_for_key(self, token: str, job_id: str) -> KeyedJob:
+        if not _plausible(token):
+            return KeyedJob(None, None)
+        row = await self._first("job", {"key_hash": hash_key(token), "job_id": job_id})
+        if row is None:
+            return KeyedJob(None, None)
+        # Attribute access, as on a Job: JobOut.from_job reads either.
+        job = SimpleNamespace(**row) if row["id"] is not None else None
+        return KeyedJob(row["key_team_id"], job)
+
+    async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
+        """The first row of statement ``name``, as a mapping of column to value."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+def _plausible(token: str) -> bool:
+    return token.startswith(KEY_PREFIX) and len(token) <= 200
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached for a read (answered 503 by api/errors.py)."""
+
+
+def _unavailable() -> tuple[type[BaseException], ...]:
+    """asyncpg's errors that mean "the database is away", not "the query is wrong":
+    refused or reset connections, timeouts, a server shutting down or starting up, too
+    many clients, and a connection the server killed mid-protocol."""
+    import asyncpg
+    from asyncpg import exceptions as pg
+
+    return (
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        pg.InternalClientError,
+        pg.PostgresConnectionError,
+        pg.OperatorInterventionError,
+        pg.InsufficientResourcesError,
+    )
+
+
+class PostgresReads(Reads):
+    """asyncpg: its protocol is compiled and runs on the loop's own callbacks, which
+    made the poll ~25 % cheaper than psycopg's async mode in the benchmark."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+        dialect = PGDialect_asyncpg()
+        self._sql: dict[str, str] = {}
+        self._params: dict[str, list[str]] = {}  # $1, $2, ... in order
+        for name, stmt in _statements().items():
+            compiled = stmt.compile(dialect=dialect)
+            self._sql[name] = str(compiled)
+            self._params[name] = list(compiled.positiontup or ())
+        self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> Any:
+        import asyncpg
+
+        async def init(conn: Any) -> None:
+            # JSON columns as Python objects, as the ORM returns them.
+            for json_type in ("json", "jsonb"):
+                await conn.set_type_codec(
+                    json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                )
+
+        async def reset(conn: Any) -> None:
+            # These connections only ever run the read statements above (no session
+            # state, locks or LISTENs to undo), so the default reset, one more round
+            # trip per read, is skipped.
+            return None
+
+        # min_size=0: nothing connects until a read needs it, so a database that is
+        # down fails that read at once (503) instead of the app's start.
+        return await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=POOL_MAX_SIZE,
+            init=init,
+            reset=reset,
+            timeout=POOL_TIMEOUT_SECONDS,  # per connection attempt
+        )
+
+    async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
+        args = [params[p] for p in self._params[name]]
+        if self._pool is None:
+            async with self._lock:  # the first requests arrive together
+                if self._pool is None:
+                    self._pool = await self._connect()
+        try:
+            return await self._fetchrow(name, args)
+        except _unavailable():
+            # A read is safe to repeat: once more, on a fresh connection. What broke
+            # one pooled connection (a database restart) broke the others too, so all
+            # are replaced, as SQLAlchemy's pool does on a disconnect.
+            await self._pool.expire_connections()
+            try:
+                return await self._fetchrow(name, args)
+            except _unavailable() as exc:
+                raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _fetchrow(self, name: str, args: list[Any]) -> Mapping[str, Any] | None:
+        async with self._pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as conn:
+            try:
+                return await conn.fetchrow(self._sql[name], *args)
+            except _unavailable():
+                # Never hand a connection in an unknown state back to the pool (a
+                # server-side kill can leave asyncpg's protocol mid-operation).
+                conn.terminate()
+                raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
+class ThreadedReads(Reads):
+    """SQLite (and any other backend): the synchronous engine, one thread hop a read."""
+
+    def __init__(self, url: str) -> None:
+        from service.db import engine_for
+
+        self._engine = engine_for(url)
+        self._statements = _statements()
+
+    def _run(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
+        with self._engine.connect() as conn:
+            return conn.execute(self._statements[name], params).mappings().first()
+
+    async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
+        from anyio import to_thread
+
+        return await to_thread.run_sync(self._run, name, params)
+
+
+def make_reads(url: str) -> Reads:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return PostgresReads(url)
+    return ThreadedReads(url)
+
+
+async def reads_for(state: Any, url: str) -> Reads:
+    """The app's ``Reads`` (kept on ``app.state``), created on first use.
+
+    Lazily, on the serving loop, so creating the app stays cheap and a pool is never
+    used from a loop other than the one it was opened on (a test client may start a
+    new loop; it gets new reads).
+    """
+    loop = asyncio.get_running_loop()
+    current = getattr(state, "reads", None)
+    if current is not None and current[0] is loop:
+        return current[1]
+    # No await between the check and the store: one coroutine at a time gets here.
+    reads = make_reads(url)
+    state.reads = (loop, reads)
+    return reads
+
+
+async def close_reads(state: Any) -> None:
+    current = getattr(state, "reads", None)
+    if current is not None:
+        state.reads = None
+        await current[1].close()
