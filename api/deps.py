@@ -45,8 +45,9 @@ SessionDep = Annotated[Session, Depends(get_db)]
 bearer_scheme = HTTPBearer(auto_error=False, description="a team API key (ldr_...)")
 
 
-async def get_reads(request: Request, settings: SettingsDep) -> Reads:
-    return await reads_for(request.app.state, settings.database_url)
+async def get_reads(request: Request) -> Reads:
+    state = request.app.state
+    return await reads_for(state, state.settings.database_url)
 
 
 ReadsDep = Annotated[Reads, Depends(get_reads)]

@@ -38,6 +38,25 @@ POOL_MAX_SIZE = 8
 # ("database_unavailable"): a client should hear quickly that the database is away.
 POOL_TIMEOUT_SECONDS = 2.0
 
+# The jobs columns JobOut.from_job reads.
+JOB_OUT_COLUMNS = (
+    "id",
+    "kind",
+    "name",
+    "state",
+    "attempt",
+    "progress_epoch",
+    "progress_epochs",
+    "progress_fraction",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error_code",
+    "error_message",
+    "summary",
+    "spec",
+)
+
 
 def _statements() -> dict[str, Any]:
     keys, teams, jobs = ApiKey.__table__, Team.__table__, Job.__table__
@@ -48,8 +67,10 @@ def _statements() -> dict[str, Any]:
         .where(live_key)
     )
     # One row per live key: the job's columns are all NULL when the team has no such job.
+    # Only what JobOut shows (api/schemas.py), not the worker's bookkeeping.
+    shown = [jobs.c[name] for name in JOB_OUT_COLUMNS]
     job = (
-        select(keys.c.team_id.label("key_team_id"), *jobs.c)
+        select(keys.c.team_id.label("key_team_id"), *shown)
         .select_from(
             keys.outerjoin(
                 jobs, (jobs.c.team_id == keys.c.team_id) & (jobs.c.id == bindparam("job_id"))

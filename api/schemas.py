@@ -63,6 +63,8 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job) -> JobOut:
+        """From a ``Job``, or anything with its attributes (the rows of api/reads.py,
+        which select exactly the columns read here: ``JOB_OUT_COLUMNS``)."""
         error = None
         if job.error_code is not None or job.error_message is not None:
             error = JobError(code=job.error_code or "error", message=job.error_message or "")

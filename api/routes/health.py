@@ -22,8 +22,9 @@ CHECK_TIMEOUT_S = 3.0
 
 
 @router.get("/healthz")
-def healthz() -> Health:
-    """The process is up (no dependencies checked)."""
+async def healthz() -> Health:
+    """The process is up (no dependencies checked). On the event loop, so a liveness
+    probe is answered even while every worker thread is busy."""
     return Health(status="ok")
 
 
