@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import make_url
@@ -31,12 +31,20 @@ from sqlalchemy.engine import make_url
 from service.auth import KEY_PREFIX, hash_key
 from service.models import ApiKey, Job, Team
 
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
 # Connections per API process for these reads; a read holds one for a single round
 # trip, so a few serve hundreds of concurrent clients.
 POOL_MAX_SIZE = 8
 # How long a read waits to connect or for a free connection before it is answered 503
 # ("database_unavailable"): a client should hear quickly that the database is away.
 POOL_TIMEOUT_SECONDS = 2.0
+# Job polls are coalesced (``Coalescer``): at most this many batch queries at once,
+# each answering up to POLL_BATCH_MAX polls; the rest of the pool serves key checks.
+POLL_BATCHES_IN_FLIGHT = 4
+POLL_BATCH_MAX = 256
 
 # The jobs columns JobOut.from_job reads.
 JOB_OUT_COLUMNS = (
@@ -106,11 +114,7 @@ class Reads:
         if not _plausible(token):
             return KeyedJob(None, None)
         row = await self._first("job", {"key_hash": hash_key(token), "job_id": job_id})
-        if row is None:
-            return KeyedJob(None, None)
-        # Attribute access, as on a Job: JobOut.from_job reads either.
-        job = SimpleNamespace(**row) if row["id"] is not None else None
-        return KeyedJob(row["key_team_id"], job)
+        return _keyed_job(row)
 
     async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
         """The first row of statement ``name``, as a mapping of column to value."""
@@ -120,12 +124,100 @@ class Reads:
         pass
 
 
+def _keyed_job(row: Mapping[str, Any] | None) -> KeyedJob:
+    if row is None:
+        return KeyedJob(None, None)
+    # Attribute access, as on a Job: JobOut.from_job reads either.
+    job = SimpleNamespace(**row) if row["id"] is not None else None
+    return KeyedJob(row["key_team_id"], job)
+
+
 def _plausible(token: str) -> bool:
     return token.startswith(KEY_PREFIX) and len(token) <= 200
 
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached for a read (answered 503 by api/errors.py)."""
+
+
+def _poll_batch_sql() -> str:
+    """``job_for_key`` for many polls at once (PostgreSQL): the arrays of key hashes and
+    job ids are unnested side by side, numbered, and joined as in the single query;
+    a poll whose key is not live has no row."""
+    keys, jobs = ApiKey.__tablename__, Job.__tablename__
+    shown = ", ".join(f"j.{Job.__table__.c[name].name}" for name in JOB_OUT_COLUMNS)
+    return (
+        f"SELECT q.i, k.team_id AS key_team_id, {shown}"
+        " FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS q(key_hash, job_id, i)"
+        f" JOIN {keys} AS k ON k.key_hash = q.key_hash AND k.revoked_at IS NULL"
+        f" LEFT JOIN {jobs} AS j ON j.team_id = k.team_id AND j.id = q.job_id"
+    )
+
+
+class Coalescer(Generic[K, V]):
+    """Answers concurrent lookups with as few queries as load allows.
+
+    A lookup waits for the end of the current event-loop iteration; everything asked
+    by then goes out as one batch. At most ``max_in_flight`` batches run at once;
+    lookups that arrive meanwhile wait for the next free slot and go out together.
+    So an idle service answers each poll with its own query at once, and a busy one
+    answers dozens with one round trip instead of queueing dozens of round trips for
+    the pool. Nothing is cached: every answer comes from a query sent after it was
+    asked.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[K]], Awaitable[list[V]]],
+        *,
+        max_in_flight: int,
+        max_batch: int,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._waiting: list[tuple[K, asyncio.Future[V]]] = []
+        self._in_flight = 0
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: K) -> V:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[V] = loop.create_future()
+        self._waiting.append((key, future))
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_scheduled and self._in_flight < self._max_in_flight:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush, loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_scheduled = False
+        while self._waiting and self._in_flight < self._max_in_flight:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            self._in_flight += 1
+            task = loop.create_task(self._run(batch, loop))
+            self._tasks.add(task)  # a reference, so the task is not collected mid-run
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[K, asyncio.Future[V]]], loop) -> None:
+        try:
+            results = await self._run_batch([key for key, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():  # a client that went away cancelled its own
+                    future.set_exception(exc)
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            if self._waiting:
+                self._schedule(loop)
 
 
 def _unavailable() -> tuple[type[BaseException], ...]:
@@ -161,6 +253,10 @@ class PostgresReads(Reads):
             self._sql[name] = str(compiled)
             self._params[name] = list(compiled.positiontup or ())
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+        self._batch_sql = _poll_batch_sql()
+        self._polls = Coalescer(
+            self._poll_batch, max_in_flight=POLL_BATCHES_IN_FLIGHT, max_batch=POLL_BATCH_MAX
+        )
         self._pool: Any = None
         self._lock = asyncio.Lock()
 
@@ -191,28 +287,44 @@ class PostgresReads(Reads):
             timeout=POOL_TIMEOUT_SECONDS,  # per connection attempt
         )
 
+    async def job_for_key(self, token: str, job_id: str) -> KeyedJob:
+        if not _plausible(token):
+            return KeyedJob(None, None)
+        return _keyed_job(await self._polls.get((hash_key(token), job_id)))
+
     async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
-        args = [params[p] for p in self._params[name]]
+        sql, args = self._sql[name], [params[p] for p in self._params[name]]
+        return await self._query(lambda conn: conn.fetchrow(sql, *args))
+
+    async def _poll_batch(self, polls: list[tuple[str, str]]) -> list[Mapping[str, Any] | None]:
+        """One query for many ``(key_hash, job_id)`` polls; a row (or None) for each."""
+        key_hashes = [key_hash for key_hash, _ in polls]
+        job_ids = [job_id for _, job_id in polls]
+        rows = await self._query(lambda conn: conn.fetch(self._batch_sql, key_hashes, job_ids))
+        by_position = {row["i"]: row for row in rows}
+        return [by_position.get(i) for i in range(1, len(polls) + 1)]
+
+    async def _query(self, fetch: Callable[[Any], Awaitable[T]]) -> T:
         if self._pool is None:
             async with self._lock:  # the first requests arrive together
                 if self._pool is None:
                     self._pool = await self._connect()
         try:
-            return await self._fetchrow(name, args)
+            return await self._on_connection(fetch)
         except _unavailable():
             # A read is safe to repeat: once more, on a fresh connection. What broke
             # one pooled connection (a database restart) broke the others too, so all
             # are replaced, as SQLAlchemy's pool does on a disconnect.
             await self._pool.expire_connections()
             try:
-                return await self._fetchrow(name, args)
+                return await self._on_connection(fetch)
             except _unavailable() as exc:
                 raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def _fetchrow(self, name: str, args: list[Any]) -> Mapping[str, Any] | None:
+    async def _on_connection(self, fetch: Callable[[Any], Awaitable[T]]) -> T:
         async with self._pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as conn:
             try:
-                return await conn.fetchrow(self._sql[name], *args)
+                return await fetch(conn)
             except _unavailable():
                 # Never hand a connection in an unknown state back to the pool (a
                 # server-side kill can leave asyncpg's protocol mid-operation).
