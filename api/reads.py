@@ -173,6 +173,8 @@ class Coalescer(Generic[K, V]):
         max_in_flight: int,
         max_batch: int,
     ) -> None:
+        if max_in_flight < 1 or max_batch < 1:
+            raise ValueError("max_in_flight and max_batch must be at least 1")
         self._run_batch = run_batch
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch

@@ -94,11 +94,24 @@ def test_key_and_job_reads_on_both_backends(backend: tuple[str, type]) -> None:
             for bad in (ids["revoked"], "nonsense"):
                 assert (await reads.job_for_key(bad, ids["job"])).team_id is None
 
-            # Many at once share the pool (8 connections on PostgreSQL).
-            many = await asyncio.gather(
-                *(reads.job_for_key(ids["key_a"], ids["job"]) for _ in range(50))
-            )
-            assert all(m.job is not None and m.job.id == ids["job"] for m in many)
+            # Many at once, mixed: on PostgreSQL they go out as a few batch queries,
+            # and each poll must still get its own answer.
+            asks = [
+                (ids["key_a"], ids["job"]),
+                (ids["key_b"], ids["job"]),
+                (ids["revoked"], ids["job"]),
+                (ids["key_a"], "0" * 32),
+            ] * 25
+            many = await asyncio.gather(*(reads.job_for_key(k, j) for k, j in asks))
+            for (key, job_id), got in zip(asks, many, strict=True):
+                if key == ids["revoked"]:
+                    assert got.team_id is None
+                elif key == ids["key_b"]:
+                    assert (got.team_id, got.job) == (ids["team_b"], None)
+                elif job_id == ids["job"]:
+                    assert got.team_id == ids["team_a"] and got.job.id == ids["job"]
+                else:
+                    assert (got.team_id, got.job) == (ids["team_a"], None)
         finally:
             await reads.close()
 
