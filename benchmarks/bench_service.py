@@ -382,7 +382,18 @@ def parse_ts(value: str) -> datetime:
 
 
 def bench_submit(env: dict[str, str], work: Path, key: str, args) -> dict:
-    worker = Proc([LDREG, "worker", "--queues", "cpu"], env, work / "worker.log")
+    worker = Proc(
+        [
+            LDREG,
+            "worker",
+            "--queues",
+            "cpu",
+            "--loglevel",
+            os.environ.get("BENCH_WORKER_LOGLEVEL", "INFO"),
+        ],
+        env,
+        work / "worker.log",
+    )
     deadline = time.monotonic() + 120
     while "worker ready" not in worker.log():
         if not worker.alive() or time.monotonic() > deadline:

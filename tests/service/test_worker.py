@@ -6,6 +6,7 @@ it; the API then shows its metrics, events and artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -104,6 +105,21 @@ def test_submit_run_and_inspect_a_pretrain_job_delivered_three_times(
     job = wait_for(client, job_id, finished, worker=worker)
     assert job["state"] == "succeeded", job
     assert job["attempt"] == 1 and job["error"] is None
+
+    # The child that ran the job exits (one job per child); its replacement is forked
+    # within a second, not at the pool's next 5 s maintenance (PromptRespawn), so the
+    # next job does not wait for a child.
+    with session_scope(pg_url) as s:
+        job_child = int(s.get(Job, job_id).worker.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30
+    while job_child in pool_children(worker.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gone = time.monotonic()  # exited (a zombie until reaped counts as gone)
+    assert job_child not in pool_children(worker.pid)
+    while not pool_children(worker.pid) and time.monotonic() < gone + 5:
+        time.sleep(0.02)
+    assert pool_children(worker.pid), "no replacement child"
+    assert time.monotonic() - gone < 1.5, f"replacement after {time.monotonic() - gone:.1f} s"
     assert job["progress"]["epoch"] == job["progress"]["epochs"] == 3
     assert job["summary"]["knn_acc"] > 0.1 and "lid_gmean_k32" in job["summary"]
 
@@ -147,6 +163,20 @@ def test_submit_run_and_inspect_a_pretrain_job_delivered_three_times(
     assert ran_in.startswith(f"ldreg-cpu-{worker.pid}@") and ran_in.rsplit(":", 1)[1] != str(
         worker.pid
     )
+
+
+def pool_children(pid: int) -> set[int]:
+    """The Celery parent's live pool children: its other child, the sweeper, and
+    children that exited but are not reaped yet (zombies) left out."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if state != "Z" and b"worker.sweeper" not in cmdline:
+                    found.add(int(child))
+    return found
 
 
 def _settings_kwargs(env: dict[str, str]) -> dict:
