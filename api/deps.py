@@ -73,6 +73,15 @@ def invalid_key() -> ApiError:
     )
 
 
+def bearer_token(request: Request) -> str:
+    """The request's bearer token, read as ``bearer_scheme`` reads it, for routes that
+    skip dependency resolution (the job poll, ``GET /v1/jobs/{id}``)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return api_key(None)
+    return api_key(HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()))
+
+
 async def current_team(reads: ReadsDep, credentials: Credentials) -> Team:
     team = await reads.team_for_key(api_key(credentials))
     if team is None:

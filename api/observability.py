@@ -51,6 +51,11 @@ class RequestMetricsMiddleware:
         self.requests = requests
         self.latency = latency
         self._mounts: dict[int, str] | None = None
+        # Per label set, the metric children (``labels()`` takes a lock and validates
+        # each time); per matched route, its template. Both are bounded by the routes.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # By id(route); the route is kept in the entry, so its id cannot be reused.
+        self._templates: dict[int, tuple[Any, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,15 +73,21 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = self._route_template(scope)
-            labels = (scope["method"], route, str(status))
-            self.requests.labels(*labels).inc()
-            self.latency.labels(*labels).observe(time.perf_counter() - start)
+            labels = (scope["method"], self._route_template(scope), str(status))
+            children = self._children.get(labels)
+            if children is None:
+                children = (self.requests.labels(*labels), self.latency.labels(*labels))
+                self._children[labels] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
     def _route_template(self, scope: Scope) -> str:
         route = scope.get("route")
         if route is not None and hasattr(route, "path"):
-            return _with_prefix(route, scope.get("path", ""))
+            entry = self._templates.get(id(route))
+            if entry is None or entry[0] is not route:
+                entry = self._templates[id(route)] = (route, _with_prefix(route, scope["path"]))
+            return entry[1]
         endpoint = scope.get("endpoint")
         if endpoint is not None:  # a Mount (static files): label it by its prefix
             if self._mounts is None:

@@ -6,8 +6,9 @@ on the event loop instead of in a worker thread:
 
 - **PostgreSQL**: an ``asyncpg`` pool; each read is one prepared statement. The key
   check and the job fetch are one query (the job is outer-joined to the key), so a
-  poll costs a single round trip and a revoked key stops working at once — there is no
-  cache to go stale.
+  revoked key stops working at once — there is no cache to go stale. Polls that arrive
+  together are coalesced into one query (``Coalescer``), so under load one round trip
+  answers dozens of them.
 - **Anything else** (the embedded SQLite default): the same statements on the
   synchronous engine, in one worker-thread hop each, the connection returned before the
   hop ends.
@@ -205,7 +206,9 @@ class Coalescer(Generic[K, V]):
             self._tasks.add(task)  # a reference, so the task is not collected mid-run
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[K, asyncio.Future[V]]], loop) -> None:
+    async def _run(
+        self, batch: list[tuple[K, asyncio.Future[V]]], loop: asyncio.AbstractEventLoop
+    ) -> None:
         try:
             results = await self._run_batch([key for key, _ in batch])
         except Exception as exc:
