@@ -79,7 +79,7 @@ def bearer_token(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return api_key(None)
-    return api_key(HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()))
+    return api_key(HTTPAuthorizationCredentials(scheme=scheme, credentials=token))
 
 
 async def current_team(reads: ReadsDep, credentials: Credentials) -> Team:

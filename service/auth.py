@@ -4,7 +4,8 @@ A key is ``ldr_`` + 256 random bits (``secrets.token_urlsafe(32)``); only its SH
 is stored. A fast hash is enough because the key is random, not a password: there is
 nothing to guess. Lookup is by hash through a unique index, so the plaintext never
 needs comparing; the first characters (``prefix``) are kept to name a key in the
-admin CLI without revealing it.
+admin CLI without revealing it. The API checks keys on its event loop, with the same
+hash (api/reads.py).
 """
 
 from __future__ import annotations
@@ -78,14 +79,3 @@ def revoke_key(*, session: Session, key_or_prefix: str) -> ApiKey:
         key.revoked_at = utcnow()
         session.commit()
     return key
-
-
-def authenticate(*, session: Session, token: str) -> Team | None:
-    """The team owning ``token`` if it is a live key, else None."""
-    if not token.startswith(KEY_PREFIX) or len(token) > 200:
-        return None
-    return session.scalars(
-        select(Team)
-        .join(ApiKey, ApiKey.team_id == Team.id)
-        .where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None))
-    ).first()
