@@ -161,6 +161,16 @@ def wait_http_ok(url: str, proc: Proc, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s:\n{proc.log()[-3000:]}")
 
 
+def wait_warmed_up(proc: Proc, timeout: float = 30.0) -> None:
+    """The API imports Celery and freezes its heap in a background thread once it
+    serves (api/app.py, ``_warm_up``); measure after that, as a long-running API is."""
+    deadline = time.monotonic() + timeout
+    while "api warmed up" not in proc.log():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the API did not finish warming up:\n{proc.log()[-3000:]}")
+        time.sleep(0.1)
+
+
 # --------------------------------------------------------------------------- stats
 
 
@@ -358,6 +368,7 @@ def bench_http(env: dict[str, str], work: Path, key: str, job_id: str, args) -> 
         )
         base = f"http://127.0.0.1:{port}"
         wait_http_ok(f"{base}/healthz", api)
+        wait_warmed_up(api)
         get = measure_http(
             f"{config}: GET /v1/jobs/{{id}}", api, f"{base}/v1/jobs/{job_id}", auth, args
         )
