@@ -64,12 +64,7 @@ def first_step(rank: int, world_size: int, methods: list[str]) -> dict[str, dict
     return results
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch():

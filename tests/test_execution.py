@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import func, select
 
-from service.db import engine_for, migrate, session_scope
+from service.db import migrate, session_scope
 from service.execution import (
     MetricRow,
     add_artifact,
@@ -31,21 +30,13 @@ from service.execution import (
     sweep,
 )
 from service.models import Artifact, Job, JobEvent, JobState, Metric, Team, utcnow
-
-PG_SERVER = "postgres@127.0.0.1:5432"
+from tests.conftest import fresh_postgres_database
 
 
 @pytest.fixture(scope="module")
 def pg_db() -> Iterator[str]:
-    name = f"ldreg_exec_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://{PG_SERVER}/{name}"
-    migrate(url)
-    yield url
-    engine_for(url).dispose()
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("ldreg_exec") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from ldreg.spec import METHODS as SPEC_METHODS
 from ldreg.spec import PretrainSpec
 from ldreg.train import TrainModule, build_train_module, ldreg_term
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spec_for(method: str, **overrides) -> PretrainSpec:

@@ -77,13 +77,7 @@ class RecordingSink:
         return self.stop_after_epoch is not None and done >= self.stop_after_epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one thread per process avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:

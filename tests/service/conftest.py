@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
 
-from service.db import migrate
+from tests.conftest import fresh_postgres_database
 
-PG_SERVER = "postgres@127.0.0.1:5432"
 REDIS_SERVER = "redis://127.0.0.1:6379"
 LDREG = str(Path(sys.executable).with_name("ldreg"))
 
@@ -90,17 +88,8 @@ class ServiceProcess:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated to head."""
-    name = f"ldreg_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://{PG_SERVER}/{name}"
-    migrate(url)
-    yield url
-    from service.db import engine_for
-
-    engine_for(url).dispose()
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("ldreg_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -250,3 +239,30 @@ def client(api_server: str, team_key: str) -> Iterator[httpx.Client]:
         base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
     ) as c:
         yield c
+
+
+def wait_for(
+    client: httpx.Client,
+    job_id: str,
+    done: Callable[[dict], bool],
+    *,
+    timeout: float = 150.0,
+    worker=None,
+) -> dict:
+    """Poll the job over HTTP until ``done(job)``; fail early, with the worker's log, if
+    the worker exits, and with the last state on timeout."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"worker exited:\n{worker.log()[-4000:]}")
+        time.sleep(0.25)
+    logs = worker.log()[-6000:] if worker is not None else ""
+    raise AssertionError(f"timed out; job is {job}\n{logs}")
+
+
+def finished(job: dict) -> bool:
+    return job["state"] in ("succeeded", "failed", "cancelled")

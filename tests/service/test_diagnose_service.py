@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import io
 import math
-import time
-from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 
 from ldreg.lid import lid_mle, lid_mom
 
 pytestmark = pytest.mark.service
-
-
-def wait_for(
-    client: httpx.Client, job_id: str, done: Callable[[dict], bool], *, worker, timeout: float
-) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if done(job):
-            return job
-        if not worker.alive():
-            raise AssertionError(f"worker exited:\n{worker.log()[-4000:]}")
-        time.sleep(0.25)
-    raise AssertionError(f"timed out; job is {job}\n{worker.log()[-6000:]}")
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:

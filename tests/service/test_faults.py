@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from conftest import finished, wait_for
 from sqlalchemy import select
-from test_worker import events, finished, submit, tiny_spec, wait_for
+from test_worker import events, submit, tiny_spec
 
 from service.db import session_scope
 from service.models import Job, Metric

@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LDREG, free_port
+from conftest import LDREG, finished, free_port, wait_for
 from sqlalchemy import select
 
 from service.db import session_scope
@@ -61,31 +60,6 @@ def submit(client: httpx.Client, spec: dict, name: str = "test") -> str:
     r = client.post("/v1/jobs", json={"kind": "pretrain", "name": name, "spec": spec})
     assert r.status_code == 201, r.text
     return r.json()["id"]
-
-
-def wait_for(
-    client: httpx.Client,
-    job_id: str,
-    done: Callable[[dict], bool],
-    *,
-    timeout: float = 150.0,
-    worker=None,
-) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if done(job):
-            return job
-        if worker is not None and not worker.alive():
-            raise AssertionError(f"worker exited:\n{worker.log()[-4000:]}")
-        time.sleep(0.25)
-    logs = worker.log()[-6000:] if worker is not None else ""
-    raise AssertionError(f"timed out; job is {job}\n{logs}")
-
-
-def finished(job: dict) -> bool:
-    return job["state"] in ("succeeded", "failed", "cancelled")
 
 
 def events(client: httpx.Client, job_id: str) -> list[dict]:
