@@ -39,8 +39,9 @@ T = TypeVar("T")
 # Connections per API process for these reads; a read holds one for a single round
 # trip, so a few serve hundreds of concurrent clients.
 POOL_MAX_SIZE = 8
-# How long a read waits to connect or for a free connection before it is answered 503
-# ("database_unavailable"): a client should hear quickly that the database is away.
+# How long one try of a read waits to connect or for a free connection; a read is
+# tried twice, then answered 503 ("database_unavailable"): a client should hear
+# quickly that the database is away.
 POOL_TIMEOUT_SECONDS = 2.0
 # Job polls are coalesced (``Coalescer``): at most this many batch queries at once,
 # each answering up to POLL_BATCH_MAX polls; the rest of the pool serves key checks.
@@ -250,13 +251,11 @@ class PostgresReads(Reads):
     def __init__(self, url: str) -> None:
         from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-        dialect = PGDialect_asyncpg()
-        self._sql: dict[str, str] = {}
-        self._params: dict[str, list[str]] = {}  # $1, $2, ... in order
-        for name, stmt in _statements().items():
-            compiled = stmt.compile(dialect=dialect)
-            self._sql[name] = str(compiled)
-            self._params[name] = list(compiled.positiontup or ())
+        # Only the key check runs as a single statement here; job polls go through
+        # the batch statement (job_for_key below).
+        compiled = _statements()["team"].compile(dialect=PGDialect_asyncpg())
+        self._sql = {"team": str(compiled)}
+        self._params = {"team": list(compiled.positiontup or ())}  # $1, $2, ... in order
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         self._batch_sql = _poll_batch_sql()
         self._polls = Coalescer(
