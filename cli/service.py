@@ -168,7 +168,7 @@ def worker(
 
 def _spawn(args: list[str]) -> subprocess.Popen:
     # Own session: the terminal's Ctrl-C reaches only `serve`, which then stops each
-    # child's whole group in order (the worker hands its running job back first).
+    # child in order (the worker hands its running job back first).
     return subprocess.Popen(
         [sys.executable, "-m", "cli.main", *args],
         start_new_session=True,
@@ -176,18 +176,21 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 
 def _stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """SIGTERM to each child itself, as ``docker stop`` does: the Celery worker then
+    stops its own pool. (SIGTERM to the worker's whole group also hit its idle pool
+    child mid-wait, and the pool then often hung at exit until the SIGKILL below, 30 s
+    later.) Whatever a child leaves in its group afterwards is killed."""
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:

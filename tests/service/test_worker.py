@@ -161,6 +161,40 @@ def _settings_kwargs(env: dict[str, str]) -> dict:
     }
 
 
+def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
+    """What Ctrl-C on ``ldreg serve`` does to its worker (cli.service._stop), with the
+    embedded default (SQLite, filesystem broker) and the pool child idle."""
+    from cli.service import _stop
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDREG_")}
+    env.update(LDREG_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [LDREG, "worker", "--queues", "cpu"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "worker ready" not in log.read_text(errors="replace"):
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(2)  # its pool child is up and waiting for work
+        started = time.monotonic()
+        _stop([worker])
+        # A clean warm shutdown, not _stop's SIGKILL after 30 s.
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        assert time.monotonic() - started < 15
+        time.sleep(0.5)
+        assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
 def processes_with_env(entry: str) -> list[int]:
     """Pids of live processes whose environment contains ``entry``."""
     found = []
