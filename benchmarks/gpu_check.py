@@ -1,0 +1,321 @@
+"""CUDA and mixed-precision checks, for a machine with a GPU (CI has none).
+
+    python benchmarks/gpu_check.py [--out results.json]
+
+Each check prints PASS or FAIL with what it measured; the exit status is 1 if any
+failed. What it covers, because the CPU suite cannot:
+
+* every method trains on CUDA under ``precision: auto`` (bf16 where supported) and
+  fp16 (GradScaler on), with finite losses and the fixed metric names;
+* fp32 on CUDA follows the same loss curve as on the CPU (same seed, same batches);
+* a run checkpointed on the GPU resumes on the CPU (and its backbone loads there);
+* exact k-NN / LID on CUDA equal the CPU's, the LDReg term's gradient too, and
+  ``diagnose_embeddings(device="cuda")`` matches the CPU report;
+* the NCCL path of ``ldreg.ddp.launch`` (one rank: all the GPUs a one-GPU machine has);
+* speed ratios GPU / CPU for exact k-NN and for training steps (the numbers reported in
+  benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldreg import ddp
+from ldreg.checkpoint import list_checkpoints
+from ldreg.diagnose import diagnose_embeddings
+from ldreg.lid import knn, lid_mle, lid_mom
+from ldreg.regularizer import LDReg
+from ldreg.spec import METHODS, PretrainSpec
+from ldreg.train import autocast_dtype, load_backbone, pretrain
+
+FIXED = {"loss", "ssl_loss", "ldreg_loss", "effective_rank", "knn_acc", "lr", "epoch_seconds"}
+RESULTS: dict[str, dict] = {}
+
+
+def check(name: str):
+    def wrap(fn):
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                detail = fn() or {}
+                ok = True
+            except Exception as exc:  # a check's failure is reported, the others still run
+                detail = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+                ok = False
+            detail["seconds"] = round(time.perf_counter() - started, 2)
+            RESULTS[name] = {"ok": ok, **detail}
+            shown = {k: v for k, v in detail.items() if k != "trace"}
+            print(f"{'PASS' if ok else 'FAIL'} {name}: {json.dumps(shown)}", flush=True)
+            if not ok:
+                print(detail["trace"], flush=True)
+
+        run.__name__ = name
+        return run
+
+    return wrap
+
+
+def tiny_spec(method: str, **overrides) -> PretrainSpec:
+    vit = method == "mae"
+    spec = {
+        "method": method,
+        "backbone": "vit_tiny" if vit else "resnet18",
+        "width": 8,
+        "batch_size": 64,
+        "epochs": 2,
+        "seed": 3,
+        "dataset": {"name": "synthetic", "image_size": 32, "num_samples": 512, "num_classes": 4},
+        "optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "none"},
+        "ldreg": {"k": 8, "warmup_epochs": 1},
+        "eval": {"lid_k": [8], "knn_k": [5], "max_samples": 256},
+    }
+    spec.update(overrides)
+    return PretrainSpec.model_validate(spec)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, dict]] = []
+        self.steps: list[dict] = []
+
+    def on_train_start(self, **kw) -> None:
+        pass
+
+    def on_step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.steps.append(metrics)
+
+    def on_epoch_end(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.epochs.append((epoch, metrics))
+
+    def on_checkpoint(self, **kw) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def train(spec: PretrainSpec, device: str, run_dir: Path) -> tuple[dict, Sink]:
+    sink = Sink()
+    summary = pretrain(spec, run_dir=run_dir, data_root=run_dir, sink=sink, device=device)
+    return summary, sink
+
+
+def assert_healthy(summary: dict, sink: Sink, epochs: int) -> None:
+    assert [e for e, _ in sink.epochs] == list(range(1, epochs + 1)), sink.epochs
+    missing = FIXED - set(sink.epochs[-1][1])
+    assert not missing, f"metrics missing: {missing}"
+    for epoch, metrics in sink.epochs:
+        for name, value in metrics.items():
+            assert math.isfinite(value), f"epoch {epoch}: {name} = {value}"
+
+
+@check("autocast_auto_is_bf16")
+def autocast_auto_is_bf16():
+    dtype = autocast_dtype("auto", "cuda")
+    assert dtype == torch.bfloat16, dtype
+    assert autocast_dtype("fp16", "cuda") == torch.float16
+    assert autocast_dtype("auto", "cpu") is None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def method_check(method: str, precision: str):
+    @check(f"train_{method}_{precision}")
+    def run():
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = tiny_spec(method, precision=precision)
+            summary, sink = train(spec, "cuda", Path(tmp))
+            assert_healthy(summary, sink, spec.epochs)
+            backbone, _ = load_backbone(Path(tmp) / "backbone.pt", "cpu")
+            assert next(backbone.parameters()).device.type == "cpu"
+            return {
+                "loss": [round(m["loss"], 4) for _, m in sink.epochs],
+                "ldreg_loss": round(sink.epochs[-1][1]["ldreg_loss"], 4),
+                "knn_acc": round(summary.get("knn_acc", float("nan")), 3),
+            }
+
+    return run
+
+
+@check("fp32_cuda_follows_cpu")
+def fp32_cuda_follows_cpu():
+    spec = tiny_spec("simclr", precision="fp32", epochs=2)
+    losses = {}
+    for device in ("cpu", "cuda"):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, sink = train(spec, device, Path(tmp))
+            losses[device] = [m["loss"] for _, m in sink.epochs]
+    rel = max(abs(a - b) / abs(a) for a, b in zip(losses["cpu"], losses["cuda"], strict=True))
+    assert rel < 0.02, losses
+    return {"cpu": losses["cpu"], "cuda": losses["cuda"], "max_rel_diff": rel}
+
+
+@check("resume_gpu_checkpoint_on_cpu")
+def resume_gpu_checkpoint_on_cpu():
+    spec = tiny_spec("byol", precision="fp16", epochs=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        _, first = train(spec, "cuda", run_dir)
+        last = list_checkpoints(run_dir / "checkpoints")[0]  # newest first
+        last.unlink()
+        last.with_name(last.name + ".sha256").unlink(missing_ok=True)
+        _, second = train(spec, "cpu", run_dir)
+        assert [e for e, _ in second.epochs] == [2], second.epochs
+        assert math.isfinite(second.epochs[0][1]["loss"])
+        return {
+            "gpu_epoch2_loss": first.epochs[1][1]["loss"],
+            "cpu_epoch2_loss": second.epochs[0][1]["loss"],
+        }
+
+
+@check("knn_lid_cuda_equals_cpu")
+def knn_lid_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6000, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    x[10] = x[11]  # a duplicate pair: zero distances must be handled the same way
+    d_cpu, i_cpu = knn(x, 32)
+    d_gpu, i_gpu = knn(x.cuda(), 32)
+    dist_err = (d_gpu.cpu() - d_cpu).abs().max().item() / d_cpu.max().item()
+    same_idx = (i_gpu.cpu() == i_cpu).float().mean().item()
+    assert dist_err < 1e-4 and same_idx > 0.999, (dist_err, same_idx)
+    worst = {}
+    for name, fn in (("mle", lid_mle), ("mom", lid_mom)):
+        a, b = fn(x, 32), fn(x.cuda(), 32).cpu()
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        worst[name] = ((a - b).abs() / a.abs().clamp_min(1e-6))[finite].max().item()
+        assert worst[name] < 1e-3, worst
+    return {"dist_rel_err": dist_err, "same_indices": same_idx, "lid_rel_err": worst}
+
+
+@check("ldreg_gradient_cuda_equals_cpu")
+def ldreg_gradient_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(256, 32, generator=g)
+    grads, losses = {}, {}
+    for device in ("cpu", "cuda"):
+        leaf = z.clone().to(device).requires_grad_(True)
+        loss = LDReg(alpha=1.0, k=16)(leaf)
+        loss.backward()
+        grads[device], losses[device] = leaf.grad.cpu(), loss.item()
+    rel = (grads["cpu"] - grads["cuda"]).norm() / grads["cpu"].norm()
+    assert abs(losses["cpu"] - losses["cuda"]) < 1e-4 * max(1.0, abs(losses["cpu"])), losses
+    assert rel < 1e-3, rel.item()
+    return {"loss": losses, "grad_rel_err": rel.item()}
+
+
+@check("diagnose_cuda_equals_cpu")
+def diagnose_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4000, 48, generator=g)
+    x[:500, 8:] = 0  # a locally collapsed cluster
+    kw = {"k": [16, 64], "estimators": ["mle", "mom"], "labels": torch.arange(4000) % 5}
+    cpu = diagnose_embeddings(x, **kw)
+    gpu = diagnose_embeddings(x, device="cuda", **kw)
+    worst = 0.0
+    for key, want in cpu.lids.items():
+        got = gpu.lids[key]
+        assert (np.isfinite(want) == np.isfinite(got)).all(), key
+        ok = np.isfinite(want)
+        worst = max(worst, float((abs(got - want)[ok] / abs(want[ok]).clip(1e-6)).max()))
+    assert worst < 1e-3, worst
+    a, b = cpu.summary(), gpu.summary()
+    assert a["collapse_fraction"] == b["collapse_fraction"], (a, b)
+    assert math.isclose(a["effective_rank"], b["effective_rank"], rel_tol=1e-3)
+    return {"worst_lid_rel_diff": worst, "collapse_fraction": b["collapse_fraction"]}
+
+
+def _nccl_rank(rank: int, world_size: int) -> float:
+    import torch.distributed as dist
+
+    t = torch.full((4,), float(rank + 1), device="cuda")
+    dist.all_reduce(t)
+    assert dist.get_backend() == "nccl"
+    return float(t.sum())
+
+
+@check("nccl_launch_one_rank")
+def nccl_launch_one_rank():
+    total = ddp.launch(_nccl_rank, 1, device_type="cuda")
+    assert total == 4.0, total
+    return {"all_reduce_sum": total}
+
+
+@check("speed_knn_gpu_vs_cpu")
+def speed_knn_gpu_vs_cpu():
+    x = torch.randn(20000, 128)
+    xc = x.cuda()
+    knn(xc[:2000], 64)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    knn(xc, 64)
+    torch.cuda.synchronize()
+    gpu_s = time.perf_counter() - started
+    started = time.perf_counter()
+    knn(x, 64)
+    cpu_s = time.perf_counter() - started
+    return {
+        "n": 20000,
+        "dim": 128,
+        "k": 64,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu_s": gpu_s,
+        "cpu_s": cpu_s,
+        "speedup": cpu_s / gpu_s,
+    }
+
+
+@check("speed_train_gpu_vs_cpu")
+def speed_train_gpu_vs_cpu():
+    out = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "auto")):
+        spec = tiny_spec("simclr", width=64, batch_size=256, epochs=2, precision=precision)
+        with tempfile.TemporaryDirectory() as tmp:
+            _, sink = train(spec, device, Path(tmp))
+        # epoch 2 (no first-epoch warm-up) has the LDReg term on.
+        out[f"{device}_{precision}_epoch_s"] = sink.epochs[1][1]["epoch_seconds"]
+    out["speedup_fp32"] = out["cpu_fp32_epoch_s"] / out["cuda_fp32_epoch_s"]
+    out["speedup_amp"] = out["cpu_fp32_epoch_s"] / out["cuda_auto_epoch_s"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="skip the speed checks")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: these checks need a GPU")
+    checks = [autocast_auto_is_bf16]
+    checks += [method_check(m, "auto") for m in METHODS]
+    checks += [method_check("simclr", "fp16"), method_check("mae", "fp16")]
+    checks += [
+        fp32_cuda_follows_cpu,
+        resume_gpu_checkpoint_on_cpu,
+        knn_lid_cuda_equals_cpu,
+        ldreg_gradient_cuda_equals_cpu,
+        diagnose_cuda_equals_cpu,
+        nccl_launch_one_rank,
+    ]
+    if not args.quick:
+        checks += [speed_knn_gpu_vs_cpu, speed_train_gpu_vs_cpu]
+    for run in checks:
+        run()
+    if args.out:
+        args.out.write_text(json.dumps(RESULTS, indent=2, default=str))
+    failed = [name for name, r in RESULTS.items() if not r["ok"]]
+    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed {failed or ''}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
