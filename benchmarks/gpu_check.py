@@ -40,6 +40,9 @@ from ldreg.train import autocast_dtype, load_backbone, pretrain
 
 FIXED = {"loss", "ssl_loss", "ldreg_loss", "effective_rank", "knn_acc", "lr", "epoch_seconds"}
 RESULTS: dict[str, dict] = {}
+# VICReg's loss (weights 25/25/1) diverges at SGD lr 0.05 on this toy set, in fp32 on the
+# CPU as well (NonFiniteLossError, as designed); 0.01 trains.
+LR = {"vicreg": 0.01}
 
 
 def check(name: str):
@@ -75,7 +78,7 @@ def tiny_spec(method: str, **overrides) -> PretrainSpec:
         "epochs": 2,
         "seed": 3,
         "dataset": {"name": "synthetic", "image_size": 32, "num_samples": 512, "num_classes": 4},
-        "optimizer": {"name": "sgd", "lr": 0.05, "lr_scaling": "none"},
+        "optimizer": {"name": "sgd", "lr": LR.get(method, 0.05), "lr_scaling": "none"},
         "ldreg": {"k": 8, "warmup_epochs": 1},
         "eval": {"lid_k": [8], "knn_k": [5], "max_samples": 256},
     }
@@ -292,12 +295,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="skip the speed checks")
+    parser.add_argument("--only", default="", help="run the checks whose name contains this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: these checks need a GPU")
     checks = [autocast_auto_is_bf16]
     checks += [method_check(m, "auto") for m in METHODS]
-    checks += [method_check("simclr", "fp16"), method_check("mae", "fp16")]
+    checks += [method_check(m, "fp16") for m in ("simclr", "vicreg", "mae")]
     checks += [
         fp32_cuda_follows_cpu,
         resume_gpu_checkpoint_on_cpu,
@@ -309,7 +313,8 @@ def main() -> None:
     if not args.quick:
         checks += [speed_knn_gpu_vs_cpu, speed_train_gpu_vs_cpu]
     for run in checks:
-        run()
+        if args.only in run.__name__:
+            run()
     if args.out:
         args.out.write_text(json.dumps(RESULTS, indent=2, default=str))
     failed = [name for name, r in RESULTS.items() if not r["ok"]]
