@@ -99,7 +99,8 @@ def configure_logging(service: str, *, level: str | int | None = None) -> None:
 
     Safe to call more than once (the last call wins). Handlers others added on purpose
     (a job's log file, pytest's capture) are kept; only ours and plain console ones
-    (``logging.basicConfig``'s) are replaced.
+    (``logging.basicConfig``'s) are replaced. Loggers silenced on purpose (no handlers,
+    not propagating, as ``uvicorn --no-access-log`` leaves its access log) stay silent.
     """
     level = level or os.environ.get("LDREG_LOG_LEVEL", "INFO")
     if isinstance(level, str):
@@ -122,6 +123,11 @@ def configure_logging(service: str, *, level: str | int | None = None) -> None:
     root.setLevel(level)
     for name in _OWN_HANDLER_LOGGERS:
         own = logging.getLogger(name)
+        if not own.handlers and not own.propagate:
+            # Silenced on purpose: ``uvicorn --no-access-log`` leaves "uvicorn.access"
+            # so, and uvicorn logs access lines only while the logger has a handler
+            # somewhere up its chain. Routing it to ours would turn the log back on.
+            continue
         own.handlers[:] = []
         own.propagate = True
 

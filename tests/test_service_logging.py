@@ -100,3 +100,23 @@ def test_configuring_keeps_handlers_added_on_purpose(tmp_path: Path) -> None:
         tmp_path,
     )
     assert (tmp_path / "job.log").read_text() == "to both\n"
+
+
+def test_an_access_log_turned_off_stays_off(tmp_path: Path) -> None:
+    """uvicorn's ``--no-access-log`` empties "uvicorn.access" and stops its propagation
+    before the app (and so configure_logging) is loaded; uvicorn then logs access lines
+    only if the logger has a handler up its chain. Ours must not give it one."""
+    lines = run_logging(
+        "import uvicorn.config\n"
+        "uvicorn.config.Config('x:app', access_log=False).configure_logging()\n"
+        "configure_logging('api')\n"
+        "access = logging.getLogger('uvicorn.access')\n"
+        "assert not access.hasHandlers(), access.handlers\n"
+        "uvicorn.config.Config('x:app', access_log=True).configure_logging()\n"
+        "configure_logging('api')\n"
+        "assert access.hasHandlers() and access.propagate\n"
+        "access.info('GET /v1/jobs 200')\n",
+        tmp_path,
+    )
+    records = [json.loads(line) for line in lines]
+    assert [(r["logger"], r["event"]) for r in records] == [("uvicorn.access", "GET /v1/jobs 200")]
