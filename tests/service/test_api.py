@@ -336,6 +336,18 @@ def test_openapi_has_stable_operation_ids(api_server: str) -> None:
         "readyz",
     } <= ops
     assert "/v1/jobs/{job_id}/cancel" in schema["paths"]
+    # The poll is added on the app, outside the jobs router (api/routes/jobs.py), and
+    # documents by hand what the router and a declared parameter would have.
+    poll = schema["paths"]["/v1/jobs/{job_id}"]["get"]
+    assert poll["tags"] == ["jobs"]
+    assert poll["security"] == [{"HTTPBearer": []}]
+    assert [(p["name"], p["in"], p["required"]) for p in poll["parameters"]] == [
+        ("job_id", "path", True)
+    ]
+    assert poll["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobOut"
+    }
+    assert {"401", "404", "503"} <= set(poll["responses"])
 
 
 @pytest.fixture
