@@ -89,7 +89,7 @@ async def get_job(request: Request) -> Response:
     """One job: state, progress, error and summary.
 
     What dashboards and ``ldreg watch`` poll, so it is the cheapest route: matched
-    before the routers', no parameters or dependencies to resolve, and the key check
+    ahead of the routers, no parameters or dependencies to resolve, and the key check
     and the fetch are one query on the event loop (api/reads.py), serialized once.
     """
     job_id = request.path_params["job_id"]
