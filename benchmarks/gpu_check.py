@@ -1,6 +1,8 @@
 """CUDA and mixed-precision checks, for a machine with a GPU (CI has none).
 
-    python benchmarks/gpu_check.py [--out results.json]
+    python benchmarks/gpu_check.py [--out results.json] [--quick] [--only NAME]
+
+(with the project installed, or ``PYTHONPATH=.`` from the checkout's root.)
 
 Each check prints PASS or FAIL with what it measured; the exit status is 1 if any
 failed. What it covers, because the CPU suite cannot:
@@ -122,13 +124,14 @@ def assert_healthy(summary: dict, sink: Sink, epochs: int) -> None:
             assert math.isfinite(value), f"epoch {epoch}: {name} = {value}"
 
 
-@check("autocast_auto_is_bf16")
-def autocast_auto_is_bf16():
+@check("autocast_auto_dtype")
+def autocast_auto_dtype():
     dtype = autocast_dtype("auto", "cuda")
-    assert dtype == torch.bfloat16, dtype
+    # bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler.
+    assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), dtype
     assert autocast_dtype("fp16", "cuda") == torch.float16
     assert autocast_dtype("auto", "cpu") is None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "auto": str(dtype)}
 
 
 def method_check(method: str, precision: str):
@@ -299,7 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: these checks need a GPU")
-    checks = [autocast_auto_is_bf16]
+    checks = [autocast_auto_dtype]
     checks += [method_check(m, "auto") for m in METHODS]
     checks += [method_check(m, "fp16") for m in ("simclr", "vicreg", "mae")]
     checks += [
