@@ -88,6 +88,11 @@ def api(
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    access_log: bool = typer.Option(
+        True,
+        "--access-log/--no-access-log",
+        help="one JSON log line per request (about 8 % of a job poll's CPU)",
+    ),
 ) -> None:
     """Run the HTTP API alone (applies database migrations first)."""
     import uvicorn
@@ -107,6 +112,7 @@ def api(
         workers=workers,
         proxy_headers=True,
         log_level="info",
+        access_log=access_log,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from conftest import LDREG, ServiceProcess, free_port, wait_http_ok
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
@@ -202,3 +203,24 @@ def test_api_log_lines_are_json(api_server: str, service_home: Path) -> None:
     assert access, "the request's access-log line never appeared"
     assert access[0]["service"] == "api" and access[0]["logger"] == "uvicorn.access"
     assert {"timestamp", "level"} <= set(access[0])
+
+
+def test_api_access_log_can_be_turned_off(service_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "api.log"
+    proc = ServiceProcess(
+        [LDREG, "api", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+        service_env,
+        log,
+    ).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http_ok(f"{base}/healthz", proc=proc)
+        for _ in range(3):
+            assert httpx.get(f"{base}/healthz").status_code == 200
+        time.sleep(0.5)  # what would have been logged has been written by now
+    finally:
+        proc.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(r["logger"].startswith("uvicorn") for r in records), "no uvicorn lines at all"
+    assert not [r for r in records if r["logger"] == "uvicorn.access"]
