@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldreg.spec import DiagnoseSpec, PretrainSpec
@@ -202,3 +203,23 @@ class ErrorOut(BaseModel):
     """The shape of every error response."""
 
     error: ErrorInfo
+
+
+def json_response(
+    body: BaseModel, *, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as the JSON response, serialized here, in the route's own thread hop.
+
+    Sync routes with an ORM session return this rather than the model. FastAPI would
+    validate a returned model again in a second threadpool hop while the session, and
+    its pooled connection, is still open; under a burst of clients that hop waited for
+    a thread that requests waiting for connections held, and the API stalled until the
+    pool's 30 s timeout (tests/service/test_reads.py). The route's ``response_model``
+    keeps the OpenAPI schema; the body is the same JSON.
+    """
+    return Response(
+        body.model_dump_json(),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )

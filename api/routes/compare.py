@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.schemas import ErrorOut, JobOut
+from api.schemas import ErrorOut, JobOut, json_response
 from service import compare
 
 router = APIRouter(
@@ -66,13 +66,13 @@ class CompareOut(BaseModel):
     definitions: dict[str, str]
 
 
-@router.get("")
+@router.get("", response_model=CompareOut)
 def compare_jobs(
     session: SessionDep,
     settings: SettingsDep,
     team: CurrentTeam,
     jobs: Annotated[str, Query(description="comma-separated job ids; the first is the baseline")],
-) -> CompareOut:
+) -> Response:
     """Two or more of the team's jobs side by side, each against the first."""
     result = compare.compare_jobs(
         session=session, settings=settings, team=team, job_ids=compare.parse_job_ids(jobs)
@@ -83,7 +83,7 @@ def compare_jobs(
         for (estimator, k), value in sorted(result.lid_gmeans[job.id].items()):
             nested.setdefault(estimator, {})[str(k)] = value
         out_jobs.append(CompareJob(**JobOut.from_job(job).model_dump(), lid_gmean=nested))
-    return CompareOut(
+    out = CompareOut(
         baseline_id=result.jobs[0].id,
         jobs=out_jobs,
         distances=[
@@ -96,3 +96,4 @@ def compare_jobs(
         ],
         definitions=DEFINITIONS,
     )
+    return json_response(out)

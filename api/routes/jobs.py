@@ -22,6 +22,7 @@ from api.schemas import (
     JobOut,
     JobStateName,
     MetricsOut,
+    json_response,
 )
 from service import jobs
 
@@ -35,11 +36,11 @@ router = APIRouter(
 @router.post(
     "",
     status_code=201,
+    response_model=JobOut,
     responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}},
 )
 def submit_job(
     body: Annotated[JobCreate, Body()],
-    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     team: CurrentTeam,
@@ -50,7 +51,7 @@ def submit_job(
             description="retrying with the same key and body returns the original job",
         ),
     ] = None,
-) -> JobOut:
+) -> Response:
     """Submit a job. It is queued at once and runs when a worker is free."""
     job, created = jobs.create_job(
         session=session,
@@ -61,15 +62,16 @@ def submit_job(
         spec=body.spec,
         idempotency_key=idempotency_key,
     )
+    headers = {}
     if created:
         jobs.publish_job(settings=settings, job=job)
     else:
         # The same answer as the first time, so a client's retry looks like success.
-        response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.from_job(job)
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(JobOut.from_job(job), status_code=201, headers=headers)
 
 
-@router.get("", responses={422: {"model": ErrorOut}})
+@router.get("", response_model=JobList, responses={422: {"model": ErrorOut}})
 def list_jobs(
     session: SessionDep,
     team: CurrentTeam,
@@ -77,12 +79,13 @@ def list_jobs(
     kind: JobKindName | None = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=jobs.MAX_PAGE_SIZE)] = 50,
-) -> JobList:
+) -> Response:
     """The team's jobs, newest first."""
     page = jobs.list_jobs(
         session=session, team=team, states=state, kind=kind, cursor=cursor, limit=limit
     )
-    return JobList(jobs=[JobOut.from_job(j) for j in page.jobs], next_cursor=page.next_cursor)
+    jobs_out = [JobOut.from_job(j) for j in page.jobs]
+    return json_response(JobList(jobs=jobs_out, next_cursor=page.next_cursor))
 
 
 async def get_job(request: Request) -> Response:
@@ -134,7 +137,7 @@ def add_poll_route(app: FastAPI, prefix: str) -> None:
     )
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
 def get_job_metrics(
     job_id: str,
     session: SessionDep,
@@ -144,40 +147,43 @@ def get_job_metrics(
     max_points: Annotated[
         int | None, Query(ge=1, le=100_000, description="thin each series to at most this many")
     ] = None,
-) -> MetricsOut:
+) -> Response:
     """Per-series metric points ordered by step."""
     series = jobs.list_metrics(
         session=session, team=team, job_id=job_id, names=name, since=since, max_points=max_points
     )
-    return MetricsOut.model_validate({"series": series})
+    return json_response(MetricsOut.model_validate({"series": series}))
 
 
-@router.get("/{job_id}/events")
-def list_job_events(job_id: str, session: SessionDep, team: CurrentTeam) -> EventList:
+@router.get("/{job_id}/events", response_model=EventList)
+def list_job_events(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
     """Every state transition, with its reason and the attempt it happened in."""
     events = jobs.list_events(session=session, team=team, job_id=job_id)
-    return EventList(events=[EventOut.from_event(e) for e in events])
+    return json_response(EventList(events=[EventOut.from_event(e) for e in events]))
 
 
-@router.post("/{job_id}/cancel", responses={409: {"model": ErrorOut}})
-def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}})
+def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
     """Cancel: a queued job ends at once; a running one turns 'cancelling' until its
     worker stops it (within a few training steps)."""
-    return JobOut.from_job(jobs.request_cancel(session=session, team=team, job_id=job_id))
+    job = jobs.request_cancel(session=session, team=team, job_id=job_id)
+    return json_response(JobOut.from_job(job))
 
 
-@router.post("/{job_id}/retry", responses={409: {"model": ErrorOut}})
-def retry_job(job_id: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam) -> JobOut:
+@router.post("/{job_id}/retry", response_model=JobOut, responses={409: {"model": ErrorOut}})
+def retry_job(
+    job_id: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam
+) -> Response:
     """Queue a failed or cancelled job again; it resumes from its last checkpoint."""
     job = jobs.retry_job(session=session, settings=settings, team=team, job_id=job_id)
     jobs.publish_job(settings=settings, job=job)
-    return JobOut.from_job(job)
+    return json_response(JobOut.from_job(job))
 
 
-@router.get("/{job_id}/artifacts")
-def list_job_artifacts(job_id: str, session: SessionDep, team: CurrentTeam) -> ArtifactList:
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_job_artifacts(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
     artifacts = jobs.list_artifacts(session=session, team=team, job_id=job_id)
-    return ArtifactList(artifacts=[ArtifactOut.from_artifact(a) for a in artifacts])
+    return json_response(ArtifactList(artifacts=[ArtifactOut.from_artifact(a) for a in artifacts]))
 
 
 @router.get(

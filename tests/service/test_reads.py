@@ -26,13 +26,13 @@ from service.models import Job
 PRETRAIN = {"method": "simclr", "epochs": 1, "batch_size": 32, "ldreg": {"k": 8}}
 
 
-def seed(url: str) -> dict[str, str]:
+def seed(url: str, prefix: str = "reads") -> dict[str, str]:
     """Two teams; team A has a job, a live key and a revoked one."""
     with session_scope(url) as s:
-        team_a, key_a = auth.create_team(session=s, name="reads-a")
+        team_a, key_a = auth.create_team(session=s, name=f"{prefix}-a")
         revoked = auth.create_key(session=s, team=team_a)
         auth.revoke_key(session=s, key_or_prefix=revoked)
-        team_b, key_b = auth.create_team(session=s, name="reads-b")
+        team_b, key_b = auth.create_team(session=s, name=f"{prefix}-b")
         job = Job(
             team_id=team_a.id,
             kind="pretrain",
@@ -112,6 +112,42 @@ def test_key_and_job_reads_on_both_backends(backend: tuple[str, type]) -> None:
                     assert got.team_id == ids["team_a"] and got.job.id == ids["job"]
                 else:
                     assert (got.team_id, got.job) == (ids["team_a"], None)
+
+            # Key checks too (every other route's first step): each its own answer.
+            keys = [ids["key_a"], ids["revoked"], ids["key_b"], "ldr_" + "x" * 43] * 25
+            owners = {ids["key_a"]: ids["team_a"], ids["key_b"]: ids["team_b"]}
+            teams = await asyncio.gather(*(reads.team_for_key(key) for key in keys))
+            assert [t.id if t else None for t in teams] == [owners.get(key) for key in keys]
+        finally:
+            await reads.close()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_reads_share_queries_on_postgresql(pg_url: str) -> None:
+    """A hundred key checks and a hundred polls at once are a handful of queries, not
+    two hundred waits for the pool's 8 connections."""
+    ids = seed(pg_url, prefix="shared")
+
+    async def scenario() -> None:
+        reads = make_reads(pg_url)
+        queries = 0
+        real_query = reads._query
+
+        async def counting(fetch):
+            nonlocal queries
+            queries += 1
+            return await real_query(fetch)
+
+        reads._query = counting
+        try:
+            teams, polls = await asyncio.gather(
+                asyncio.gather(*(reads.team_for_key(ids["key_a"]) for _ in range(100))),
+                asyncio.gather(*(reads.job_for_key(ids["key_b"], ids["job"]) for _ in range(100))),
+            )
+            assert {t.id for t in teams} == {ids["team_a"]}
+            assert {(p.team_id, p.job) for p in polls} == {(ids["team_b"], None)}
+            assert queries <= 4, queries
         finally:
             await reads.close()
 
@@ -146,15 +182,17 @@ def test_get_job_is_the_orm_view_and_checks_the_key_each_time(
 
 
 def test_a_burst_of_clients_is_served_without_stalling(client: httpx.Client) -> None:
-    """96 clients at once on routes with an ORM session and on the fast path.
+    """128 clients at once, most on routes with an ORM session, some on the fast path.
 
-    Before the key check moved to the event loop, each request held a pooled connection
-    between two threadpool hops: a burst larger than the pool filled the threadpool
-    with threads waiting for connections that only queued requests could return, and
-    the API stalled until the pool's 30 s timeout.
+    A route must never hold a pooled connection while it waits for a threadpool
+    thread: a burst larger than the pool then fills the threadpool with threads waiting
+    for connections that only queued requests could return, and the API stalls until
+    the pool's 30 s timeout. It happened twice: the key check once ran in a hop of its
+    own, and FastAPI validates a sync route's response model in a second hop, which
+    came before the session's close (now ``scope="function"``, api/deps.py).
     """
     job_id = client.post("/v1/jobs", json={"kind": "pretrain", "spec": PRETRAIN}).json()["id"]
-    paths = [f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/events"] * 32
+    paths = [f"/v1/jobs/{job_id}"] * 16 + ["/v1/jobs", f"/v1/jobs/{job_id}/events"] * 56
 
     async def burst() -> list[int]:
         limits = httpx.Limits(max_connections=len(paths))
