@@ -161,6 +161,25 @@ def _settings_kwargs(env: dict[str, str]) -> dict:
     }
 
 
+def start_until(
+    args: list[str], env: dict[str, str], log: Path, ready: str, timeout: float
+) -> subprocess.Popen:
+    """Start ``args`` in its own session, output to ``log``; return once ``ready`` is
+    in the log (the test fails if the process exits or ``timeout`` passes first)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    while ready not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no {ready!r} within {timeout} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
     """What Ctrl-C on ``ldreg serve`` does to its worker (cli.service._stop), with the
     embedded default (SQLite, filesystem broker) and the pool child idle."""
@@ -169,19 +188,8 @@ def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LDREG_")}
     env.update(LDREG_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [LDREG, "worker", "--queues", "cpu"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = start_until([LDREG, "worker", "--queues", "cpu"], env, log, "worker ready", 60)
     try:
-        deadline = time.monotonic() + 60
-        while "worker ready" not in log.read_text(errors="replace"):
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         time.sleep(2)  # its pool child is up and waiting for work
         started = time.monotonic()
         _stop([worker])
@@ -219,19 +227,11 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
     env.update(LDREG_HOME=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen(
-            [LDREG, "serve", "--port", str(port), "--demo"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    serve = start_until(
+        [LDREG, "serve", "--port", str(port), "--demo"], env, log, "serving; press Ctrl-C", 120
+    )
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
-        while "serving; press Ctrl-C" not in log.read_text(errors="replace"):
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
         text = log.read_text()
         key = re.search(r"API key:\s+(\S+)", text).group(1)
         url = re.search(r"(http://127\.0\.0\.1:\d+/v1/jobs/\w+)", text).group(1)
