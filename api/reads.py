@@ -231,6 +231,12 @@ class Coalescer(Generic[K, V]):
     ) -> None:
         try:
             results = await self._run_batch([key for key, _ in batch])
+        except asyncio.CancelledError:
+            # The batch itself was cancelled (the loop is shutting down): its lookups
+            # must not wait for an answer that will never come.
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as exc:
             for _, future in batch:
                 if not future.done():  # a client that went away cancelled its own

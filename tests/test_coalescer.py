@@ -92,6 +92,20 @@ def test_a_cancelled_lookup_leaves_the_others_answered() -> None:
     asyncio.run(scenario())
 
 
+def test_a_cancelled_batch_cancels_its_lookups_instead_of_leaving_them_waiting() -> None:
+    async def scenario() -> None:
+        run = Recorder(delay=10)
+        c = Coalescer(run, max_in_flight=1, max_batch=8)
+        lookups = [asyncio.create_task(c.get(k)) for k in range(3)]
+        await asyncio.sleep(0.01)
+        for batch in list(c._tasks):  # what loop shutdown does to pending tasks
+            batch.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*lookups, return_exceptions=True), 1)
+        assert all(isinstance(d, asyncio.CancelledError) for d in done)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_limits_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError):
