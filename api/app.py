@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
     install_observability(app)
-    jobs.add_poll_route(app, "/v1")  # the hot route, matched first (see there)
+    jobs.add_poll_route(app, "/v1")  # the hot route, ahead of the routers (see there)
     app.include_router(health.router)
     # Included flat with the version prefix: a nested /v1 router makes FastAPI rebuild
     # every route once more at start-up.

@@ -60,14 +60,14 @@ ReadsDep = Annotated[Reads, Depends(get_reads)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-def api_key(credentials: HTTPAuthorizationCredentials | None) -> str:
-    if credentials is None:
+def api_key(token: str | None) -> str:
+    if not token:
         raise ApiError(
             401,
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": 'Bearer realm="ldreg"'},
         )
-    return credentials.credentials
+    return token
 
 
 def invalid_key() -> ApiError:
@@ -82,13 +82,11 @@ def bearer_token(request: Request) -> str:
     """The request's bearer token, read as ``bearer_scheme`` reads it, for routes that
     skip dependency resolution (the job poll, ``GET /v1/jobs/{id}``)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return api_key(None)
-    return api_key(HTTPAuthorizationCredentials(scheme=scheme, credentials=token))
+    return api_key(token if scheme.lower() == "bearer" else None)
 
 
 async def current_team(reads: ReadsDep, credentials: Credentials) -> Team:
-    team = await reads.team_for_key(api_key(credentials))
+    team = await reads.team_for_key(api_key(credentials.credentials if credentials else None))
     if team is None:
         raise invalid_key()
     return team

@@ -7,9 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, bearer_token, invalid_key
+from api.deps import (
+    CurrentTeam,
+    SessionDep,
+    SettingsDep,
+    bearer_token,
+    get_reads,
+    invalid_key,
+)
 from api.errors import ApiError
-from api.reads import reads_for
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -96,8 +102,7 @@ async def get_job(request: Request) -> Response:
     and the fetch are one query on the event loop (api/reads.py), serialized once.
     """
     job_id = request.path_params["job_id"]
-    state = request.app.state
-    reads = await reads_for(state, state.settings.database_url)
+    reads = await get_reads(request)
     found = await reads.job_for_key(bearer_token(request), job_id)
     if found.team_id is None:
         raise invalid_key()

@@ -188,8 +188,9 @@ def test_a_burst_of_clients_is_served_without_stalling(client: httpx.Client) -> 
     thread: a burst larger than the pool then fills the threadpool with threads waiting
     for connections that only queued requests could return, and the API stalls until
     the pool's 30 s timeout. It happened twice: the key check once ran in a hop of its
-    own, and FastAPI validates a sync route's response model in a second hop, which
-    came before the session's close (now ``scope="function"``, api/deps.py).
+    own, and FastAPI validates a sync route's returned model in a second hop while the
+    session is still open (the routes now serialize in their own hop,
+    ``api.schemas.json_response``).
     """
     job_id = client.post("/v1/jobs", json={"kind": "pretrain", "spec": PRETRAIN}).json()["id"]
     paths = [f"/v1/jobs/{job_id}"] * 16 + ["/v1/jobs", f"/v1/jobs/{job_id}/events"] * 56
