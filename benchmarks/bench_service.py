@@ -691,7 +691,7 @@ def report(http_results: list[dict], submit: dict | None, metrics: dict | None, 
                     f"{r['p50_ms']:.1f}",
                     f"{r['p99_ms']:.1f}",
                     str(r["errors"]),
-                    f"{r['server_cpu'] / max(r['rps'], 1e-9) * 1e3:.2f}",
+                    f"{r['server_cpu'] / r['rps'] * 1e3:.2f}" if r["rps"] else "—",
                     f"{r['load1']:.1f}",
                 ]
             )
