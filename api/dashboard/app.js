@@ -48,6 +48,23 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// Polling updates the page in place. Replacing an element the user is clicking loses
+// the click (the press lands on the old element, the release on its replacement), so
+// interactive elements are kept and only what changed is rewritten.
+function replaceIfChanged(el, ...children) {
+  const next = h("div", {}, ...children);
+  if (next.innerHTML !== el.innerHTML) el.replaceChildren(...next.childNodes);
+}
+
+// Make `nodes` the children of `parent`, in order, moving only what has to move.
+function placeChildren(parent, nodes) {
+  const wanted = new Set(nodes);
+  for (const child of [...parent.children]) if (!wanted.has(child)) child.remove();
+  nodes.forEach((node, i) => {
+    if (parent.children[i] !== node) parent.insertBefore(node, parent.children[i] || null);
+  });
+}
+
 class ApiError extends Error {
   constructor(status, code, message, field, details) {
     super(message);
@@ -366,6 +383,33 @@ function renderJobs(view, params) {
       tbody),
     more);
 
+  // One row per job, kept across polls: the checkbox and the link are the same elements
+  // from one refresh to the next, so a click that lands while a poll updates the list
+  // is not lost on an element that was just replaced.
+  const rowsById = new Map();
+  function jobRow(job) {
+    const box = h("input", { type: "checkbox", "aria-label": `Select ${jobTitle(job)} for comparison` });
+    box.checked = selected.has(job.id);
+    box.addEventListener("change", () => {
+      if (box.checked) selected.add(job.id); else selected.delete(job.id);
+      compareButton.disabled = selected.size < 2;
+    });
+    const link = h("a", { href: `#/jobs/${job.id}` });
+    const cells = Array.from({ length: 6 }, () => h("td"));
+    const tr = h("tr", { "data-job-id": job.id },
+      h("td", {}, box), h("td", {}, link, h("div", { class: "mono hint" }, job.id.slice(0, 12))), cells);
+    return {
+      tr,
+      update(job, durations) {
+        tr.dataset.state = job.state;
+        link.textContent = jobTitle(job);
+        const values = [job.kind, methodOf(job), ldregOf(job), stateBadge(job.state),
+          progressCell(job, durations), fmtTime(job.created_at)];
+        values.forEach((v, i) => replaceIfChanged(cells[i], v));
+      },
+    };
+  }
+
   async function refresh() {
     const q = new URLSearchParams({ limit: String(limit) });
     if (filters.state) q.set("state", filters.state);
@@ -387,23 +431,19 @@ function renderJobs(view, params) {
     }));
     if (stale(generation)) return;
     notify("");
-    tbody.replaceChildren(...page.jobs.map((job) => {
-      const box = h("input", { type: "checkbox", checked: selected.has(job.id), "aria-label": `Select ${jobTitle(job)} for comparison` });
-      box.addEventListener("change", () => {
-        if (box.checked) selected.add(job.id); else selected.delete(job.id);
-        compareButton.disabled = selected.size < 2;
-      });
-      return h("tr", { "data-job-id": job.id, "data-state": job.state },
-        h("td", {}, box),
-        h("td", {}, h("a", { href: `#/jobs/${job.id}` }, jobTitle(job)), h("div", { class: "mono hint" }, job.id.slice(0, 12))),
-        h("td", {}, job.kind),
-        h("td", {}, methodOf(job)),
-        h("td", {}, ldregOf(job)),
-        h("td", {}, stateBadge(job.state)),
-        h("td", {}, progressCell(job, durations[job.id])),
-        h("td", {}, fmtTime(job.created_at)));
-    }));
-    if (!page.jobs.length) tbody.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No jobs match.")));
+    const rows = page.jobs.map((job) => {
+      let row = rowsById.get(job.id);
+      if (!row) {
+        row = jobRow(job);
+        rowsById.set(job.id, row);
+      }
+      row.update(job, durations[job.id]);
+      return row.tr;
+    });
+    const keep = new Set(page.jobs.map((j) => j.id));
+    for (const id of [...rowsById.keys()]) if (!keep.has(id)) rowsById.delete(id);
+    tbody.dataset.refreshes = String(Number(tbody.dataset.refreshes || 0) + 1);
+    placeChildren(tbody, page.jobs.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No jobs match."))]);
     more.hidden = !page.next_cursor || limit >= 200;
   }
   every(POLL_MS, refresh);
@@ -469,12 +509,18 @@ function renderJob(view, jobId) {
     }
   }
 
+  // The buttons are made once; each poll only sets whether they can be pressed.
+  const headInfo = h("div", { class: "job-info" });
+  const cancel = h("button", { type: "button", id: "cancel-job", class: "danger", disabled: true }, "Cancel");
+  const retry = h("button", { type: "button", id: "retry-job", class: "secondary", disabled: true }, "Retry");
+  cancel.addEventListener("click", () => act("cancel"));
+  retry.addEventListener("click", () => act("retry"));
+  head.append(headInfo, h("div", { class: "actions" }, cancel, retry));
+
   function renderHead() {
     document.title = `${jobTitle(job)} · LDReg`;
-    const cancel = h("button", { type: "button", id: "cancel-job", class: "danger", disabled: !ACTIVE.has(job.state) || job.state === "cancelling" }, "Cancel");
-    const retry = h("button", { type: "button", id: "retry-job", class: "secondary", disabled: !["failed", "cancelled"].includes(job.state) }, "Retry");
-    cancel.addEventListener("click", () => act("cancel"));
-    retry.addEventListener("click", () => act("retry"));
+    cancel.disabled = !ACTIVE.has(job.state) || job.state === "cancelling";
+    retry.disabled = !["failed", "cancelled"].includes(job.state);
     const rows = [
       ["State", stateBadge(job.state)],
       ["Kind", job.kind],
@@ -486,16 +532,13 @@ function renderJob(view, jobId) {
       ["Started", fmtTime(job.started_at)],
       ["Finished", fmtTime(job.finished_at)],
     ].filter(Boolean);
-    head.replaceChildren(
+    replaceIfChanged(headInfo,
       h("h1", { id: "job-title" }, jobTitle(job), " ", h("span", { class: "mono hint" }, job.id)),
-      h("dl", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", { "data-field": k.toLowerCase() }, v)])),
-      h("div", { class: "actions" }, cancel, retry));
-    errorBox.replaceChildren();
-    if (job.error) {
-      errorBox.append(h("div", { class: "error-box", role: "alert" },
-        h("strong", {}, `Failed: ${job.error.code}`), h("p", {}, job.error.message)));
-    }
-    spec.textContent = JSON.stringify(job.spec, null, 2);
+      h("dl", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", { "data-field": k.toLowerCase() }, v)])));
+    replaceIfChanged(errorBox, job.error && h("div", { class: "error-box", role: "alert" },
+      h("strong", {}, `Failed: ${job.error.code}`), h("p", {}, job.error.message)));
+    const specText = JSON.stringify(job.spec, null, 2);
+    if (spec.textContent !== specText) spec.textContent = specText;
   }
 
   async function act(action) {
@@ -512,12 +555,11 @@ function renderJob(view, jobId) {
   async function refreshEvents() {
     const { events } = await api(`/v1/jobs/${jobId}/events`);
     if (stale(generation)) return;
-    timeline.replaceChildren(...events.map((e) => h("li", {},
+    replaceIfChanged(timeline, events.length ? events.map((e) => h("li", {},
       h("time", { datetime: e.at }, fmtTime(e.at)),
       h("strong", {}, `${e.from_state || "–"} → ${e.to_state}`),
       ` · attempt ${e.attempt}`,
-      e.reason ? h("div", {}, e.reason) : null)));
-    if (!events.length) timeline.append(h("li", { class: "empty" }, "No events yet."));
+      e.reason ? h("div", {}, e.reason) : null)) : h("li", { class: "empty" }, "No events yet."));
   }
 
   async function refreshArtifacts() {
@@ -764,7 +806,7 @@ function renderComparisonSummary(section, jobs, metrics, comparison) {
     const defs = comparison.definitions || {};
     parts.push(h("dl", { class: "definitions" }, Object.entries(defs).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
   }
-  section.replaceChildren(...parts);
+  replaceIfChanged(section, ...parts);
 }
 
 // Submit --------------------------------------------------------------------------------
