@@ -322,7 +322,11 @@ def finish_job(
         job.progress_fraction = 1.0
         job.error_code = job.error_message = None
     default_reason = {
-        JobState.SUCCEEDED: "finished",
+        # Cancellation is checked every few steps and at epoch ends, but not after the
+        # last epoch: a request that arrives while the final evaluation runs is too late.
+        JobState.SUCCEEDED: (
+            "finished before the cancellation took effect" if job.cancel_requested else "finished"
+        ),
         JobState.FAILED: f"failed: {error[1]}" if error else "failed",
         JobState.CANCELLED: "cancelled by request",
     }[state]

@@ -221,6 +221,29 @@ def test_artifact_upsert_and_finish(db: str, tmp_path: Path) -> None:
     assert events(db, job_id) == [("queued", "running", 1), ("running", "succeeded", 1)]
 
 
+def test_a_cancel_that_comes_too_late_leaves_the_job_succeeded_and_says_so(db: str) -> None:
+    job_id = new_job(db)
+    a = claim(db, job_id)
+    with session_scope(db) as s:
+        job = s.get(Job, job_id)
+        job.cancel_requested = True
+        job.transition(JobState.CANCELLING, "cancel requested by user")
+    # The worker was past its last cancellation check: training finished anyway.
+    with session_scope(db) as s:
+        assert finish_job(session=s, job_id=job_id, attempt=a, state=JobState.SUCCEEDED)
+    assert get_job(db, job_id).state == "succeeded"
+    with session_scope(db) as s:
+        last = (
+            s.execute(
+                select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+            )
+            .scalars()
+            .first()
+        )
+        assert (last.from_state, last.to_state) == ("cancelling", "succeeded")
+        assert last.reason == "finished before the cancellation took effect"
+
+
 def test_sweep_requeues_stale_then_fails_after_max_attempts(db: str) -> None:
     job_id = new_job(db, max_attempts=2)
     stale = timedelta(seconds=30)

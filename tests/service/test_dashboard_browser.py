@@ -47,6 +47,12 @@ SMALL = {
     "eval": {"lid_k": [32, 512], "max_samples": 600, "knn_k": [20]},
 }
 
+# The job we follow and cancel: long enough (an epoch takes a second or two) that it is
+# still training when the Cancel button is pressed, however slow the machine. With six
+# epochs it could finish first, and a job that finished before the cancellation took
+# effect rightly stays succeeded.
+FOLLOWED = {**SMALL, "epochs": 40}
+
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
@@ -108,6 +114,10 @@ def row_state(driver, job_id: str) -> str | None:
     )
 
 
+def list_refreshes(driver) -> int:
+    return int(driver.find_element(By.ID, "job-rows").get_attribute("data-refreshes") or 0)
+
+
 def page_state(driver) -> str | None:
     return driver.execute_script(
         "const b = document.querySelector(\"dd[data-field='state'] [data-state]\");"
@@ -157,7 +167,7 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
         "/v1/jobs", json={"kind": "diagnose", "name": "embeddings.npy", "spec": diag_spec}
     ).json()
     ldreg = api.post(
-        "/v1/jobs", json={"kind": "pretrain", "name": "simclr+ldreg", "spec": SMALL}
+        "/v1/jobs", json={"kind": "pretrain", "name": "simclr+ldreg", "spec": FOLLOWED}
     ).json()
     base = api.post(
         "/v1/jobs",
@@ -202,14 +212,18 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     d.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{ldreg['id']}'] a").click()
     wait(d, lambda d: points(d, "chart-loss") >= 1, 150, "the first epoch's points")
     first = points(d, "chart-loss")
+    # The page polls every 2 s; the Cancel button must be the same element across polls
+    # (a replaced button loses a click that lands while a poll re-renders the page).
+    cancel_button = d.find_element(By.ID, "cancel-job")
     wait(d, lambda d: points(d, "chart-loss") > first, 150, "the plot to update")
     assert points(d, "chart-lid") >= 2 and points(d, "chart-rank") >= 1
     progress = d.find_element(By.CSS_SELECTOR, "dd[data-field='progress'] progress")
-    assert int(progress.get_attribute("value")) >= 1 and progress.get_attribute("max") == "6"
+    assert int(progress.get_attribute("value")) >= 1 and progress.get_attribute("max") == "40"
     screenshot(d, "job-running")
 
     # Cancel: the state turns cancelled in the page, the timeline shows why.
-    d.find_element(By.ID, "cancel-job").click()
+    cancel_button.click()
+    wait(d, lambda d: "Cancellation requested" in d.find_element(By.ID, "notice").text, 10, "ack")
     wait(d, lambda d: page_state(d) == "cancelled", 60, "the job to be cancelled")
     wait(d, lambda d: "→ cancelled" in d.find_element(By.ID, "events").text, 10, "the event")
     assert d.find_element(By.ID, "retry-job").is_enabled()
@@ -220,9 +234,15 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     # the worker has moved on to it.
     d.get(f"{api_server}/#/jobs")
     wait(d, lambda d: len(listed_ids(d)) == 3, 10, "the job list")
-    for job in (ldreg, base):
-        box = f"tr[data-job-id='{job['id']}'] input[type=checkbox]"
-        d.find_element(By.CSS_SELECTOR, box).click()
+    # The rows' checkboxes, too, outlive the list's polls.
+    boxes = [
+        d.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{job['id']}'] input[type=checkbox]")
+        for job in (ldreg, base)
+    ]
+    polls = list_refreshes(d)
+    wait(d, lambda d: list_refreshes(d) >= polls + 2, 10, "two polls of the list")
+    for box in boxes:
+        box.click()
     d.find_element(By.ID, "compare-selected").click()
     wait(d, lambda d: d.find_elements(By.ID, "compare-table"), 20, "the comparison")
     header = d.find_element(By.CSS_SELECTOR, "#compare-table thead").text
