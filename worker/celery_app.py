@@ -7,11 +7,8 @@ worker.tasks) may import torch. The child imports the training code inside the t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
-import os
-import signal
 import sys
 
 from celery import bootsteps
@@ -58,19 +55,14 @@ SHUTTING_DOWN = multiprocessing.Value("b", 0, lock=False)
 
 
 @worker_shutting_down.connect
-def _hand_running_jobs_back(how: str = "Warm", **_: object) -> None:
-    """Warm shutdown (SIGTERM/SIGINT to the main process, e.g. ``docker stop``): tell
-    the children, so a running job stops at its next poll and goes back to the queue
-    instead of being killed when the grace period ends."""
+def _hand_running_jobs_back(**_: object) -> None:
+    """Warm or cold shutdown (SIGTERM/SIGINT to the main process, e.g. ``docker stop``):
+    raise the flag the children share. A running job reads it at its next poll (the
+    lease's ``must_stop``), stops and goes back to the queue instead of being killed
+    when the grace period ends; a message accepted from now on is handed back at once.
+    No child is signalled: an idle one is stopped by the pool as usual (a SIGTERM would
+    kill it, and the pool would log that as an ERROR on every clean Ctrl-C)."""
     SHUTTING_DOWN.value = 1
-    if how != "Warm":
-        return
-    from billiard.process import active_children
-
-    for child in active_children():
-        if child.pid and child.pid != os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
 
 
 @worker_ready.connect

@@ -139,6 +139,7 @@ def _run_job(
 
     lease = Lease(settings, job_id, attempt)
     lease.shutdown_requested = SHUTDOWN
+    lease.worker_shutting_down = worker_shutting_down
     beat = HeartbeatThread(lease)
     beat.start()
     sink = DatabaseSink(lease)
@@ -209,7 +210,7 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
             lease, run_dir, JobState.CANCELLED, reason=f"cancelled by request ({detail})"
         )
     url = lease.settings.database_url
-    if lease.shutdown_requested.is_set():
+    if lease.shutting_down():
         with session_scope(url) as s:
             state = release_job(
                 session=s,
@@ -350,8 +351,9 @@ def _json_safe(value: Any) -> Any:
 
 @contextlib.contextmanager
 def _sigterm_sets(event: threading.Event) -> Iterator[None]:
-    """While a job runs, SIGTERM (docker stop, a rolling deploy; the worker's main
-    process forwards it) sets ``event``: training stops at the next poll and the job is
+    """While a job runs, a SIGTERM sent to this process itself (a kill of the worker's
+    whole process group; a warm shutdown of the main process uses a shared flag instead,
+    worker.celery_app) sets ``event``: training stops at the next poll and the job is
     handed back, instead of the process dying mid-step."""
     try:
         previous = signal.signal(signal.SIGTERM, lambda *_: event.set())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from service.db import session_scope
@@ -28,7 +29,10 @@ class Lease:
         self.attempt = attempt
         self.lost = threading.Event()  # the database says another attempt owns the job
         self.cancel_requested = threading.Event()
-        self.shutdown_requested = threading.Event()  # the worker got SIGTERM
+        self.shutdown_requested = threading.Event()  # this process got SIGTERM
+        # The Celery worker's shared "shutting down" flag (worker.celery_app), read at
+        # every poll: a warm shutdown stops training without signalling the child.
+        self.worker_shutting_down: Callable[[], bool] = lambda: False
         # Monotonic time at which the last *confirmed* heartbeat was taken (before its
         # UPDATE ran, so it never overstates how fresh the row is).
         self.confirmed_at = time.monotonic()
@@ -41,11 +45,14 @@ class Lease:
         budget = self.settings.stale_after_seconds - self.settings.heartbeat_seconds
         return time.monotonic() - self.confirmed_at > budget
 
+    def shutting_down(self) -> bool:
+        return self.shutdown_requested.is_set() or self.worker_shutting_down()
+
     def must_stop(self) -> bool:
         return (
             self.lost.is_set()
             or self.cancel_requested.is_set()
-            or self.shutdown_requested.is_set()
+            or self.shutting_down()
             or self.expired()
         )
 

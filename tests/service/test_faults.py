@@ -167,7 +167,9 @@ def test_sigterm_hands_the_running_job_back(
     wait_training_steps(pg_url, job_id, first)
     # docker stop: SIGTERM to the main process only; it must tell its child.
     os.kill(first.pid, signal.SIGTERM)
-    first.popen.wait(60)
+    assert first.popen.wait(60) == 0
+    # A clean stop: no pool child died of a signal (the pool logs that as an ERROR).
+    assert [line for line in first.log().splitlines() if "ERROR" in line] == []
     # Handed back at once (no wait for a stale heartbeat), without using up an attempt.
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "queued", job

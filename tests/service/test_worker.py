@@ -196,6 +196,10 @@ def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
         # A clean warm shutdown, not _stop's SIGKILL after 30 s.
         assert worker.returncode == 0, log.read_text()[-3000:]
         assert time.monotonic() - started < 15
+        # ...in which the idle pool child exits on its own, not as an ERROR about a
+        # child killed by SIGTERM.
+        errors = [line for line in log.read_text().splitlines() if "ERROR" in line]
+        assert errors == [], errors
         time.sleep(0.5)
         assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
     finally:
