@@ -20,8 +20,19 @@ TASK_NAME = "ldreg.run_job"
 QUEUES = ("cpu", "gpu")
 
 
+class _HostlessBrokerIsFine(logging.Filter):
+    """The filesystem transport has no host, and kombu warns "No hostname was
+    supplied" on every connection to it: noise in every embedded process's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No hostname was supplied")
+
+
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem://"):
+        kombu_log = logging.getLogger("kombu.connection")
+        if not any(isinstance(f, _HostlessBrokerIsFine) for f in kombu_log.filters):
+            kombu_log.addFilter(_HostlessBrokerIsFine())
         folder = settings.broker_dir
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

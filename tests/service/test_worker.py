@@ -200,6 +200,8 @@ def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
         # child killed by SIGTERM.
         errors = [line for line in log.read_text().splitlines() if "ERROR" in line]
         assert errors == [], errors
+        # kombu's warning about the filesystem transport having no host is filtered.
+        assert "No hostname was supplied" not in log.read_text()
         time.sleep(0.5)
         assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
     finally:
@@ -248,6 +250,10 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
 
         serve.send_signal(signal.SIGINT)  # Ctrl-C
         assert serve.wait(60) == 0
+        # What a new user reads: no ERROR on the way out, no hostless-broker warnings.
+        text = log.read_text()
+        assert [line for line in text.splitlines() if "ERROR" in line] == []
+        assert "No hostname was supplied" not in text
         # Every process serve started is gone (API, worker, its child, the sweeper).
         time.sleep(1)
         assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
