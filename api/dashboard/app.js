@@ -442,6 +442,7 @@ function renderJobs(view, params) {
     });
     const keep = new Set(page.jobs.map((j) => j.id));
     for (const id of [...rowsById.keys()]) if (!keep.has(id)) rowsById.delete(id);
+    // How many polls have updated the list (the browser test waits on it).
     tbody.dataset.refreshes = String(Number(tbody.dataset.refreshes || 0) + 1);
     placeChildren(tbody, page.jobs.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No jobs match."))]);
     more.hidden = !page.next_cursor || limit >= 200;
