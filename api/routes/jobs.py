@@ -108,7 +108,7 @@ async def get_job(request: Request) -> Response:
         raise invalid_key()
     if found.job is None:
         raise ApiError(404, f"no job {job_id} in your team", field="id")
-    return Response(JobOut.from_job(found.job).model_dump_json(), media_type="application/json")
+    return json_response(JobOut.from_job(found.job))
 
 
 def add_poll_route(app: FastAPI, prefix: str) -> None:
