@@ -137,9 +137,13 @@ def _run_job(
     bind_job(job_id=job_id, attempt=attempt)  # on every log line of this attempt
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
 
-    lease = Lease(settings, job_id, attempt)
-    lease.shutdown_requested = SHUTDOWN
-    lease.worker_shutting_down = worker_shutting_down
+    lease = Lease(
+        settings,
+        job_id,
+        attempt,
+        shutdown_requested=SHUTDOWN,
+        worker_shutting_down=worker_shutting_down,
+    )
     beat = HeartbeatThread(lease)
     beat.start()
     sink = DatabaseSink(lease)

@@ -23,16 +23,25 @@ log = logging.getLogger(__name__)
 class Lease:
     """This attempt's ownership of a job, as far as this process knows."""
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        attempt: int,
+        *,
+        shutdown_requested: threading.Event | None = None,
+        worker_shutting_down: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.settings = settings
         self.job_id = job_id
         self.attempt = attempt
         self.lost = threading.Event()  # the database says another attempt owns the job
         self.cancel_requested = threading.Event()
-        self.shutdown_requested = threading.Event()  # this process got SIGTERM
+        # Set when this process gets SIGTERM (worker.runner._sigterm_sets).
+        self.shutdown_requested = shutdown_requested or threading.Event()
         # The Celery worker's shared "shutting down" flag (worker.celery_app), read at
         # every poll: a warm shutdown stops training without signalling the child.
-        self.worker_shutting_down: Callable[[], bool] = lambda: False
+        self.worker_shutting_down = worker_shutting_down
         # Monotonic time at which the last *confirmed* heartbeat was taken (before its
         # UPDATE ran, so it never overstates how fresh the row is).
         self.confirmed_at = time.monotonic()
