@@ -28,11 +28,11 @@ class _HostlessBrokerIsFine(logging.Filter):
         return not record.getMessage().startswith("No hostname was supplied")
 
 
+_HOSTLESS_BROKER_IS_FINE = _HostlessBrokerIsFine()
+
+
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem://"):
-        kombu_log = logging.getLogger("kombu.connection")
-        if not any(isinstance(f, _HostlessBrokerIsFine) for f in kombu_log.filters):
-            kombu_log.addFilter(_HostlessBrokerIsFine())
         folder = settings.broker_dir
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -127,6 +127,9 @@ def celery_app(settings: Settings) -> Celery:
     )
     app = _apps.get(key)
     if app is None:
+        if settings.broker_url.startswith("filesystem://"):
+            # Added once however many apps are made (addFilter skips a filter it has).
+            logging.getLogger("kombu.connection").addFilter(_HOSTLESS_BROKER_IS_FINE)
         app = Celery("ldreg", set_as_current=False)
         app.conf.update(_config(settings))
         app = _apps.setdefault(key, app)
