@@ -932,21 +932,28 @@ class _TwoViewBatches(Dataset):
     """Fetches and augments a whole batch in one ``__getitems__`` call (in the worker)."""
 
     def __init__(
-        self, dataset: Dataset, augments: tuple[BatchViewAugment, BatchViewAugment]
+        self,
+        dataset: Dataset,
+        augments: tuple[BatchViewAugment, BatchViewAugment],
+        clean: _NormalisedBatches | None = None,
     ) -> None:
         self.dataset = dataset
         self.augments = augments
+        self.clean = clean
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, ...]:
         return self.__getitems__([item])
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[Tensor, ...]:
         images, labels = fetch_batch(self.dataset, [index for index, _ in items])
         generator = torch.Generator().manual_seed(items[0][1])
-        return self.augments[0](images, generator), self.augments[1](images, generator), labels
+        views = self.augments[0](images, generator), self.augments[1](images, generator)
+        if self.clean is None:
+            return (*views, labels)
+        return (*views, labels, self.clean.normalise(images))
 
 
 class _NormalisedBatches(Dataset):
@@ -963,7 +970,10 @@ class _NormalisedBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         images, labels = fetch_batch(self.dataset, indices)
-        return (images.float() / 255.0 - self.mean) / self.std, labels
+        return self.normalise(images), labels
+
+    def normalise(self, images: Tensor) -> Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
 
 
 def _batch_as_is(batch: Any) -> Any:
@@ -985,8 +995,12 @@ def make_ssl_loader(
     drop_last: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    with_clean: bool = False,
 ) -> DataLoader:
     """A loader of ``(view1, view2, labels)`` batches for one epoch of one rank.
+
+    With ``with_clean`` each batch also carries the un-augmented, normalised images
+    (``(view1, view2, labels, clean)``), the input of the online probe.
 
     Shuffling and augmentation are a pure function of ``(seed, epoch, rank)`` (see
     :class:`EpochBatchSampler`), so rebuilding the loader for a resumed epoch yields the
@@ -1010,7 +1024,9 @@ def make_ssl_loader(
     first, second = view_augmentations(kind, image_size)
     augments = (BatchViewAugment(first, mean, std), BatchViewAugment(second, mean, std))
     return DataLoader(
-        _TwoViewBatches(dataset, augments),
+        _TwoViewBatches(
+            dataset, augments, _NormalisedBatches(dataset, mean, std) if with_clean else None
+        ),
         batch_sampler=sampler,
         collate_fn=_batch_as_is,
         num_workers=num_workers,

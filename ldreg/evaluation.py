@@ -5,7 +5,7 @@ Usage::
     train_f, train_y = extract_features(backbone, make_eval_loader(bundle.train, ...), device)
     test_f, test_y = extract_features(backbone, make_eval_loader(bundle.val, ...), device)
     knn = knn_accuracy(train_f, train_y, test_f, test_y, k=20, num_classes=10)
-    probe = linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes=10)
+    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=10)  # .accuracy, .l2
     metrics = representation_metrics(test_f, lid_k=(32, 512))
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,84 +98,181 @@ def knn_accuracy(
     return correct / test_n.shape[0]
 
 
-def linear_probe_accuracy(
+# Kornblith et al. 2019 (Sec. 3.1, App. A.3) pick the L2 weight of their L-BFGS
+# logistic regression on a held-out part of the training set from 45 log-spaced values
+# in [1e-6, 1e5] (as C = 1/λ). This grid covers the part that matters for mean
+# cross-entropy + λ·||W||²: below 1e-7 the penalty is inert, above 1e1 it zeroes W.
+L2_GRID = tuple(10.0**e for e in range(-7, 2))
+PROBE_SPLIT = 0.2  # share of the training features held out to choose λ
+
+
+@dataclass(frozen=True)
+class LinearProbeResult:
+    """An offline linear probe: its test accuracy and how it was chosen.
+
+    Attributes:
+        accuracy: test accuracy of the probe refitted on all training features.
+        l2: the chosen L2 weight (λ of ``CE + λ·||W||²``).
+        selection_accuracy: accuracy on the held-out part of the training features
+            at the chosen λ.
+    """
+
+    accuracy: float
+    l2: float
+    selection_accuracy: float
+
+
+def _fit_logistic_regression(
+    x: Tensor,
+    y: Tensor,
+    *,
+    num_classes: int,
+    l2: float,
+    max_iter: int,
+    init: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Full-batch L-BFGS (strong-Wolfe) on mean cross-entropy + ``l2``·||W||²."""
+    weight = init[0].clone().requires_grad_(True)
+    bias = init[1].clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _accuracy(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
+    with torch.no_grad():
+        return ((x @ weight + bias).argmax(dim=1) == y).double().mean().item()
+
+
+def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
+    mean = train.mean(dim=0)
+    std = train.std(dim=0, unbiased=False).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def _stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (fit, held out): ``fraction`` of every class held out, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_held = round(fraction * len(idx)) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        fit.append(idx[n_held:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def linear_probe(
     train_f: Tensor,
     train_y: Tensor,
     test_f: Tensor,
     test_y: Tensor,
     *,
     num_classes: int,
-    epochs: int = 100,
     seed: int = 0,
-    weight_decay: float = 1e-4,
+    l2_grid: Sequence[float] = L2_GRID,
+    max_iter: int = 500,
     device: torch.device | str = "cpu",
-) -> float:
-    """Test accuracy of multinomial logistic regression on standardised frozen features.
+) -> LinearProbeResult:
+    """Offline linear probe whose L2 weight is chosen on held-out training features.
 
-    The L-BFGS logistic-regression protocol of Kornblith et al. 2019 ("Do Better ImageNet
-    Models Transfer Better?"), also SimCLR's transfer evaluation: features are standardised with the
-    training set's mean and std, then the L2-regularised cross-entropy is minimised full
-    batch with L-BFGS (strong-Wolfe line search) for ``epochs`` iterations. Full batch and
-    a seeded initialisation make the result deterministic for the same inputs.
+    The protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?",
+    Sec. 3.1 and App. A.3), also SimCLR's linear evaluation of transfer: multinomial
+    logistic regression on standardised frozen features, fitted full batch with L-BFGS.
+    The L2 weight λ is chosen from ``l2_grid`` by accuracy on a stratified
+    ``PROBE_SPLIT`` of the training features (ties go to the stronger penalty), then
+    the probe is refitted on all training features with that λ. A fixed λ can decide
+    the sign of a comparison between two backbones; a chosen one cannot be tuned to it.
+
+    Deterministic for the same inputs and ``seed`` (the split and the initialisation are
+    seeded; L-BFGS is full batch). The grid is walked from strong to weak penalty, each
+    fit warm-started from the previous one, which also makes each fit converge faster.
     """
     _check_labelled(train_f, train_y, "train")
     _check_labelled(test_f, test_y, "test")
-    x_train = train_f.float().to(device)
-    x_test = test_f.float().to(device)
-    mean = x_train.mean(dim=0)
-    std = x_train.std(dim=0, unbiased=False).clamp_min(1e-6)
-    x_train = (x_train - mean) / std
-    x_test = (x_test - mean) / std
-    y_train = train_y.long().to(device)
-
+    if not l2_grid:
+        raise ValueError("l2_grid must name at least one value")
+    x_train, x_test = train_f.float().to(device), test_f.float().to(device)
+    y_train, y_test = train_y.long().to(device), test_y.long().to(device)
+    fit_idx, held_idx = _stratified_holdout(train_y.long().cpu(), PROBE_SPLIT, seed)
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01
-    weight = weight.to(device).requires_grad_(True)
-    bias = torch.zeros(num_classes, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=epochs,
-        history_size=20,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
+    init = (
+        (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).to(device),
+        torch.zeros(num_classes, device=device),
     )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        logits = x_train @ weight + bias
-        loss = F.cross_entropy(logits, y_train) + weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        pred = (x_test @ weight + bias).argmax(dim=1).cpu()
-    return (pred == test_y.long().cpu()).double().mean().item()
+    grid = sorted(l2_grid, reverse=True)
+    best_l2, best_acc = grid[0], -1.0
+    if len(grid) > 1 and len(held_idx) > 0:
+        x_fit, x_held = _standardise(x_train[fit_idx.to(device)], x_train[held_idx.to(device)])
+        y_fit, y_held = y_train[fit_idx.to(device)], y_train[held_idx.to(device)]
+        params = init
+        for l2 in grid:
+            params = _fit_logistic_regression(
+                x_fit, y_fit, num_classes=num_classes, l2=l2, max_iter=max_iter, init=params
+            )
+            acc = _accuracy(x_held, y_held, *params)
+            if acc > best_acc:
+                best_l2, best_acc = l2, acc
+    x_all, x_eval = _standardise(x_train, x_test)
+    params = _fit_logistic_regression(
+        x_all, y_train, num_classes=num_classes, l2=best_l2, max_iter=max_iter, init=init
+    )
+    return LinearProbeResult(
+        accuracy=_accuracy(x_eval, y_test, *params),
+        l2=best_l2,
+        selection_accuracy=best_acc if best_acc >= 0 else float("nan"),
+    )
 
 
 class OnlineLinearProbe(nn.Module):
     """A linear classifier trained alongside SSL on detached backbone features.
 
-    The usual online evaluation of SSL frameworks (solo-learn, lightly): its loss is
-    added to the training loss, but the features are detached so the classifier's
-    gradient never reaches the backbone and cannot shape the representation.
+    The usual online evaluation of SSL frameworks (solo-learn's ``classifier``, the
+    LDReg authors' ``online_prob_loss``): its loss is added to the training loss, but the
+    features are detached so its gradient never reaches the backbone. It has its own
+    optimizer (:meth:`make_optimizer`: momentum SGD, constant learning rate, no weight
+    decay), not the SSL one — LARS would scale its steps by the trust ratio (0.001) and
+    the SSL schedule would decay them to zero, and it would not learn.
+
+    A BatchNorm without affine parameters standardises the features first, as MAE's
+    linear probe (He et al. 2022, Sec. A.2): backbone features of very different scales
+    then need one learning rate.
 
     Usage::
 
         probe = OnlineLinearProbe(feat_dim=512, num_classes=10)
+        probe_optimizer = probe.make_optimizer(lr=0.1)
         probe_loss, acc = probe.loss_and_acc(features.detach(), labels)
-        (ssl_loss + probe_loss).backward()
+        probe_loss.backward(); probe_optimizer.step()
     """
 
     def __init__(self, feat_dim: int, num_classes: int) -> None:
         super().__init__()
+        self.norm = nn.BatchNorm1d(feat_dim, affine=False)
         self.classifier = nn.Linear(feat_dim, num_classes)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.classifier(features.detach())
+        return self.classifier(self.norm(features.detach()))
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
 
     def loss_and_acc(self, features_detached: Tensor, labels: Tensor) -> tuple[Tensor, float]:
         """Cross-entropy loss (a tensor to back-propagate) and batch accuracy (a float)."""
@@ -182,6 +280,22 @@ class OnlineLinearProbe(nn.Module):
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(dim=1) == labels).float().mean().item()
         return loss, acc
+
+    @torch.no_grad()
+    def accuracy(self, features: Tensor, labels: Tensor, *, batch_size: int = 1024) -> float:
+        """Held-out accuracy in eval mode (BatchNorm's running statistics)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.classifier.weight.device
+            correct = 0
+            for start in range(0, features.shape[0], batch_size):
+                logits = self(features[start : start + batch_size].to(device).float())
+                pred = logits.argmax(dim=1).cpu()
+                correct += (pred == labels[start : start + batch_size].cpu()).sum().item()
+        finally:
+            self.train(was_training)
+        return correct / max(1, features.shape[0])
 
 
 @torch.no_grad()
@@ -191,8 +305,11 @@ def representation_metrics(
     """Local and global dimensionality of a representation, with DESIGN.md's metric names.
 
     ``lid_gmean_k{k}`` is the geometric mean of the MLE LID of every point with its
-    ``k`` nearest neighbours among the others (Levina & Bickel 2004; the geometric mean
-    is LDReg's natural mean of LIDs, Huang et al. 2024, Sec. 4). ``k`` is clipped to
+    ``k`` nearest neighbours among the others, in the LDReg authors' tracking variant
+    ``-k / Σ_{i<k} ln(r_i / r_k)`` (``lid_mle`` variant ``"ldreg"``, their ``lid.py``;
+    Levina & Bickel 2004 put ``k - 1`` in the numerator, so these values are
+    ``k / (k - 1)`` times theirs). The geometric mean is LDReg's natural mean of LIDs
+    (Huang et al. 2024, Sec. 4). ``k`` is clipped to
     ``N - 1`` with a warning; the key keeps the requested ``k`` so series stay aligned.
     ``effective_rank`` is RankMe (Garrido et al. 2023) and ``alpha_req`` the eigenspectrum
     power-law exponent (Agrawal et al. 2022).

@@ -98,16 +98,28 @@ class LDReg(nn.Module):
     def forward(
         self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
     ) -> Tensor:
+        return self.loss_and_lids(features, reference, self_offset=self_offset)[0]
+
+    def loss_and_lids(
+        self, features: Tensor, reference: Tensor | None = None, *, self_offset: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The loss of :meth:`forward` and the (N,) LIDs it penalised, detached.
+
+        The LIDs let a training loop report what the term itself sees
+        (``ldreg_lid_gmean``) without estimating them a second time.
+        """
         queries, ref, offset = self._neighbourhood(features, reference, self_offset)
         # Checked after the gather, so every rank has joined it and sees the same
         # reference: if any rank diverged, all return NaN together instead of one rank
         # leaving the collective (a deadlock) or raising an input error. The training
         # loop reports a NaN loss with its epoch and step.
         if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(ref).all())):
-            return self.alpha * (queries.sum() * math.nan)
-        log_lids = torch.log(self._estimate(queries, ref, offset))
+            nan = queries.sum() * math.nan
+            return self.alpha * nan, queries.new_full((queries.shape[0],), math.nan)
+        lids = self._estimate(queries, ref, offset)
+        log_lids = torch.log(lids)
         penalty = -log_lids.abs() if self.form == "l1" else -log_lids
-        return self.alpha * penalty.mean()
+        return self.alpha * penalty.mean(), lids.detach()
 
     def _neighbourhood(
         self, features: Tensor, reference: Tensor | None, self_offset: int | None

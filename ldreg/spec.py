@@ -121,6 +121,16 @@ class EvalSpec(_Spec):
     max_samples: Annotated[int, Field(ge=64)] = Field(
         default=5000, description="cap on eval-set size used for LID / rank / kNN"
     )
+    online_probe_lr: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
+        default=0.1,
+        description="the online probe's own constant learning rate (momentum SGD, no decay)",
+    )
+    online_probe_input: Literal["clean", "views"] = Field(
+        default="clean",
+        description="clean: the online probe learns from the backbone's eval-mode features"
+        " of the un-augmented images, as it is evaluated (one extra forward without"
+        " gradient); views: from the augmented training views, as solo-learn",
+    )
 
 
 class MethodOptions(_Spec):

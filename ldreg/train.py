@@ -43,7 +43,7 @@ from ldreg.evaluation import (
     OnlineLinearProbe,
     extract_features,
     knn_accuracy,
-    linear_probe_accuracy,
+    linear_probe,
     representation_metrics,
 )
 from ldreg.methods import SSLMethod, build_method
@@ -52,7 +52,8 @@ from ldreg.regularizer import LDReg
 from ldreg.sink import NullSink, TrainingSink
 from ldreg.spec import PretrainSpec
 
-CHECKPOINT_FORMAT = 1
+# 2: the online probe has its own optimizer, saved as "probe_optimizer".
+CHECKPOINT_FORMAT = 2
 BACKBONE_FORMAT = "ldreg-backbone-v1"
 # Steps between polls of sink.should_stop(): prompt cancellation, few database reads.
 STOP_POLL_STEPS = 5
@@ -66,19 +67,23 @@ RESUMABLE_CHANGES = {"devices", "num_workers"}
 
 @dataclass
 class StepOutput:
+    """One step's losses; ``ldreg_log_lid`` is the mean ln LID the term saw (NaN when off)."""
+
     ssl_loss: Tensor
     ldreg_loss: Tensor
     probe_loss: Tensor
     probe_acc: float
+    ldreg_log_lid: Tensor
 
 
 class TrainModule(nn.Module):
     """The method, the LDReg term and the online probe as one module (one DDP wrapper).
 
-    The LDReg term is applied identically for every method: on ``output.features``
-    (backbone; the ViT CLS token for MAE) or ``output.projections``; the reference set is
-    those rows, detached, plus the method's ``extra_reference`` (BYOL's target encoder),
-    gathered from all ranks (Huang et al. 2024, Sec. 5 and the authors' code).
+    The LDReg term is applied on ``output.features`` (backbone; the ViT CLS token for
+    MAE) or ``output.projections``; the reference set is those rows, detached, plus the
+    method's ``extra_reference`` (BYOL's target encoder), gathered from all ranks
+    (Huang et al. 2024, Sec. 5 and the authors' code), and the method's
+    ``ldreg_reduction`` says how the two views' rows combine (see :func:`ldreg_term`).
     """
 
     def __init__(
@@ -94,10 +99,17 @@ class TrainModule(nn.Module):
         self.ldreg = ldreg
         self.target = target
 
-    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor, ldreg_on: bool) -> StepOutput:
+    def forward(
+        self,
+        view1: Tensor,
+        view2: Tensor,
+        labels: Tensor,
+        ldreg_on: bool,
+        clean: Tensor | None = None,
+    ) -> StepOutput:
         out = self.method(view1, view2)
         zero = out.loss.new_zeros(())
-        ldreg_loss = zero
+        ldreg_loss, log_lid = zero, zero.float() + math.nan
         if ldreg_on and self.ldreg is not None:
             regularized = out.features if self.target == "features" else out.projections
             if regularized is None:
@@ -105,18 +117,53 @@ class TrainModule(nn.Module):
                     f"method '{self.method.name}' has no {self.target} to regularize",
                     code="invalid_spec",
                 )
-            ldreg_loss = ldreg_term(
-                self.ldreg, regularized.float(), out.extra_reference.get(self.target)
+            ldreg_loss, lids = ldreg_term(
+                self.ldreg,
+                regularized.float(),
+                out.extra_reference.get(self.target),
+                reduction=self.method.ldreg_reduction,
             )
+            log_lid = lids.log().mean()
         probe_loss, probe_acc = zero, float("nan")
         if self.probe is not None:
-            b = view1.shape[0]
-            probe_loss, probe_acc = self.probe.loss_and_acc(out.features[:b].detach(), labels)
-        return StepOutput(out.loss, ldreg_loss, probe_loss, probe_acc)
+            probe_loss, probe_acc = self.probe.loss_and_acc(
+                *self._probe_inputs(out.features, labels, clean)
+            )
+        return StepOutput(out.loss, ldreg_loss, probe_loss, probe_acc, log_lid)
+
+    def _probe_inputs(
+        self, features: Tensor, labels: Tensor, clean: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """What the online probe learns from: the backbone's eval-mode features of the
+        un-augmented images when the loader carries them (``eval.online_probe_input:
+        clean``), the very input it is evaluated on; else the training views' features."""
+        if clean is None:
+            views = features.shape[0] // labels.shape[0]
+            return features.detach(), labels.repeat(views)
+        backbone = self.method.backbone
+        backbone.eval()  # running statistics, as at evaluation; no statistic is updated
+        try:
+            with torch.no_grad():
+                clean_features = backbone(clean)
+        finally:
+            backbone.train()
+        return clean_features, labels
 
 
-def ldreg_term(ldreg: LDReg, regularized: Tensor, extra: Tensor | None) -> Tensor:
-    """α·mean(−|ln LID|) of the local rows, neighbours from the gathered detached batch.
+def ldreg_term(
+    ldreg: LDReg,
+    regularized: Tensor,
+    extra: Tensor | None,
+    *,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """The LDReg loss of the local rows and their LIDs (detached).
+
+    ``reduction="mean"``: α·mean(−|ln LID|) over all rows, the authors' SimCLR and MAE
+    losses (``losses/ntxent_lid_reg.py``, ``losses/mae_loss.py``). ``"sum_views"``: the
+    rows are two equal blocks (view 1, view 2) and the term is α·(mean over view 1 +
+    mean over view 2) = 2·α·mean over all rows, the authors' BYOL loss
+    (``losses/byol_loss.py``: ``(main_loss + alpha * (lid_reg_f_0 + lid_reg_f_1)).mean()``).
 
     The reference is both views of the whole batch (gathered by ``LDReg``), plus the
     method's extra rows (BYOL's target features) placed after the local rows; each
@@ -133,11 +180,15 @@ def ldreg_term(ldreg: LDReg, regularized: Tensor, extra: Tensor | None) -> Tenso
         regularized = torch.nan_to_num(regularized.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         extra = None if extra is None else torch.zeros_like(extra)
     if extra is None:
-        term = ldreg(regularized)
+        term, lids = ldreg.loss_and_lids(regularized)
     else:
         reference = torch.cat([regularized.detach(), extra.detach().to(regularized.dtype)])
-        term = ldreg(regularized, reference, self_offset=0)
-    return term if finite else term + float("nan")
+        term, lids = ldreg.loss_and_lids(regularized, reference, self_offset=0)
+    if reduction == "sum_views":
+        term = 2 * term
+    elif reduction != "mean":
+        raise ValueError(f"unknown LDReg reduction {reduction!r}; use 'mean' or 'sum_views'")
+    return (term, lids) if finite else (term + float("nan"), lids + float("nan"))
 
 
 def build_train_module(spec: PretrainSpec, *, image_size: int, num_classes: int) -> TrainModule:
@@ -237,10 +288,14 @@ def evaluate(
     *,
     final: bool,
 ) -> dict[str, float]:
-    """LID / rank on held-out features, kNN (each k of ``eval.knn_k``) and the probe.
+    """LID / rank on held-out features, kNN (each k of ``eval.knn_k``) and the probes.
 
-    ``linear_probe_acc`` is the online probe's held-out accuracy during training and the
-    offline L-BFGS probe at the end (``final``); ``knn_acc`` is the first ``knn_k``.
+    ``online_probe_acc`` is the online probe's held-out accuracy, at every evaluation.
+    ``linear_probe_acc`` is only ever the offline probe (:func:`linear_probe`, its L2
+    weight chosen on held-out training features and published as ``linear_probe_l2``),
+    fitted once, at the end (``final``): it is the number a comparison rests on, and
+    nine L-BFGS fits per evaluation would cost more than the epoch on small data.
+    ``knn_acc`` is the first ``knn_k``.
     """
     cap = spec.eval.max_samples
     kwargs = {"mean": bundle.mean, "std": bundle.std, "batch_size": EVAL_BATCH_SIZE}
@@ -261,14 +316,11 @@ def evaluate(
         metrics[f"knn_acc_k{k}"] = acc
         if i == 0:
             metrics["knn_acc"] = acc
-    with torch.no_grad():
-        pred = probe(val_f.to(device)).argmax(dim=1).cpu()
-    metrics["online_probe_acc"] = (pred == val_y).double().mean().item()
-    metrics["linear_probe_acc"] = metrics["online_probe_acc"]
+    metrics["online_probe_acc"] = probe.accuracy(val_f, val_y)
     if final:
-        metrics["linear_probe_acc"] = linear_probe_accuracy(
-            train_f, train_y, val_f, val_y, num_classes=nc, seed=spec.seed
-        )
+        result = linear_probe(train_f, train_y, val_f, val_y, num_classes=nc, seed=spec.seed)
+        metrics["linear_probe_acc"] = result.accuracy
+        metrics["linear_probe_l2"] = result.l2
     return metrics
 
 
@@ -401,6 +453,7 @@ def _train_rank(
             drop_last=True,
             rank=rank,
             world_size=world_size,
+            with_clean=model.probe is not None and spec.eval.online_probe_input == "clean",
         )
 
     steps_per_epoch = len(loader(1))
@@ -408,7 +461,14 @@ def _train_rank(
     opt = spec.optimizer
     base_lr = scaled_lr(opt, global_batch=spec.batch_size)
     warmup_steps = min(opt.warmup_epochs * steps_per_epoch, total_steps)
-    optimizer = build_optimizer(opt, model.named_parameters(), lr=base_lr)
+    optimizer = build_optimizer(
+        opt,
+        ((n, p) for n, p in model.named_parameters() if not n.startswith("probe.")),
+        lr=base_lr,
+    )
+    probe_optimizer = (
+        model.probe.make_optimizer(spec.eval.online_probe_lr) if model.probe is not None else None
+    )
     amp_dtype = autocast_dtype(spec.precision, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     clipped = [p for p in method.parameters() if p.requires_grad]
@@ -426,6 +486,8 @@ def _train_rank(
             _check_resumable(state, spec, Path(chosen))
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if probe_optimizer is not None:
+                probe_optimizer.load_state_dict(state["probe_optimizer"])
             if scaler.is_enabled() and state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -446,9 +508,9 @@ def _train_rank(
         model.train()
         ldreg_on = spec.ldreg is not None and epoch > spec.ldreg.warmup_epochs
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        count, log_lid_sum = 0, 0.0
         lr = base_lr
-        for i, (view1, view2, labels) in enumerate(loader(epoch)):
+        for i, (view1, view2, labels, *clean) in enumerate(loader(epoch)):
             step = (epoch - 1) * steps_per_epoch + i
             lr = cosine_lr(
                 step, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr
@@ -457,8 +519,9 @@ def _train_rank(
             view1 = view1.to(device, non_blocking=True)
             view2 = view2.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            probe_input = clean[0].to(device, non_blocking=True) if clean else None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_model(view1, view2, labels, ldreg_on)
+                out = train_model(view1, view2, labels, ldreg_on, probe_input)
             loss = out.ssl_loss.float() + out.ldreg_loss.float()
 
             stop = False
@@ -475,6 +538,7 @@ def _train_rank(
                         out.ldreg_loss.detach().float(),
                         (~torch.isfinite(loss.detach())).float(),
                         torch.tensor(float(stop), device=device),
+                        out.ldreg_log_lid.detach().float(),
                     ]
                 )
             ).tolist()
@@ -489,11 +553,15 @@ def _train_rank(
                 raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
 
             optimizer.zero_grad(set_to_none=True)
+            if probe_optimizer is not None:
+                probe_optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss + out.probe_loss.float()).backward()
             if opt.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(clipped, opt.grad_clip)
             scaler.step(optimizer)
+            if probe_optimizer is not None:
+                scaler.step(probe_optimizer)
             scaler.update()
             method.update_target(step=step + 1, total_steps=total_steps)
 
@@ -504,6 +572,10 @@ def _train_rank(
                 "ldreg_loss": status[2] / w,
                 "lr": lr,
             }
+            if ldreg_on:
+                # Equal rows per rank: the mean of the ranks' mean ln LID is the batch's.
+                log_lid_sum += status[5] / w
+                step_metrics["ldreg_lid_gmean"] = math.exp(status[5] / w)
             for name, value in step_metrics.items():
                 sums[name] += value
             if not math.isnan(out.probe_acc):
@@ -515,6 +587,9 @@ def _train_rank(
         global_step = epoch * steps_per_epoch
         metrics = {name: total / count for name, total in sums.items()}
         metrics["lr"] = lr
+        if ldreg_on:
+            # The geometric mean over every training row of the epoch (equal-size steps).
+            metrics["ldreg_lid_gmean"] = math.exp(log_lid_sum / count)
         final = epoch == spec.epochs
         if main:
             if final or epoch % spec.eval.every_epochs == 0:
@@ -538,6 +613,9 @@ def _train_rank(
                     "spec": spec.model_dump_json(),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "probe_optimizer": (
+                        probe_optimizer.state_dict() if probe_optimizer is not None else None
+                    ),
                     "scaler": scaler.state_dict(),
                     "rng": {"torch": torch.get_rng_state()},
                     "metrics": metrics,

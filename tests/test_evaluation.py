@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ldreg.evaluation import (
+    L2_GRID,
     OnlineLinearProbe,
     extract_features,
     knn_accuracy,
-    linear_probe_accuracy,
+    linear_probe,
     representation_metrics,
 )
 
@@ -73,16 +74,38 @@ def test_knn_votes_are_weighted_by_similarity_and_k_is_clipped() -> None:
 def test_linear_probe_separates_linear_classes_and_is_deterministic() -> None:
     train_f, train_y = _clusters(40, 4, 64, spread=3.0, seed=2)
     test_f, test_y = _clusters(25, 4, 64, spread=3.0, seed=2)
-    first = linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes=4, epochs=50)
-    again = linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes=4, epochs=50)
-    assert first > 0.95 and first == again
+    first = linear_probe(train_f, train_y, test_f, test_y, num_classes=4, seed=1)
+    again = linear_probe(train_f, train_y, test_f, test_y, num_classes=4, seed=1)
+    assert first.accuracy > 0.95 and first == again
+    assert first.l2 in L2_GRID and first.selection_accuracy > 0.95
 
     generator = torch.Generator().manual_seed(3)
     random_y = torch.randint(0, 4, (100,), generator=generator)
-    chance = linear_probe_accuracy(
+    chance = linear_probe(
         test_f, random_y, train_f, torch.randint(0, 4, (160,), generator=generator), num_classes=4
     )
-    assert chance < 0.45
+    assert chance.accuracy < 0.45
+
+
+def test_linear_probe_chooses_a_stronger_l2_where_a_weak_one_overfits() -> None:
+    # 400 points in 300 dimensions, the class in 5 noisy directions: an almost
+    # unregularised probe nearly interpolates the noise; the chosen λ is a strong one
+    # and generalises better.
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 2, (n,), generator=generator)
+        x = torch.randn(n, 300, generator=generator)
+        x[:, :5] += 0.7 * (2 * y - 1)[:, None]
+        return x, y
+
+    train_f, train_y = sample(400)
+    test_f, test_y = sample(2000)
+    weak = linear_probe(train_f, train_y, test_f, test_y, num_classes=2, l2_grid=(1e-7,))
+    tuned = linear_probe(train_f, train_y, test_f, test_y, num_classes=2)
+    assert weak.l2 == 1e-7
+    assert tuned.l2 >= 1e-1
+    assert tuned.accuracy > weak.accuracy + 0.02
 
 
 def test_online_probe_learns_without_sending_gradients_to_the_backbone() -> None:
@@ -90,7 +113,7 @@ def test_online_probe_learns_without_sending_gradients_to_the_backbone() -> None
     features, labels = _clusters(30, 3, 8, spread=0.5, seed=4)
     features.requires_grad_(True)
     probe = OnlineLinearProbe(feat_dim=8, num_classes=3)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=0.1)
+    optimizer = probe.make_optimizer(lr=0.1)
     _, acc_start = probe.loss_and_acc(features, labels)
     for _ in range(30):
         loss, acc = probe.loss_and_acc(features, labels)
@@ -100,6 +123,16 @@ def test_online_probe_learns_without_sending_gradients_to_the_backbone() -> None
     assert loss.requires_grad and loss.ndim == 0
     assert features.grad is None
     assert acc == 1.0 and acc_start < 1.0
+    assert probe.accuracy(features.detach(), labels) == 1.0 and probe.training
+
+
+def test_online_probe_optimizer_has_no_weight_decay_no_lars_and_a_constant_lr() -> None:
+    probe = OnlineLinearProbe(feat_dim=8, num_classes=3)
+    optimizer = probe.make_optimizer(lr=0.25)
+    assert isinstance(optimizer, torch.optim.SGD)
+    (group,) = optimizer.param_groups
+    assert group["lr"] == 0.25 and group["weight_decay"] == 0.0 and group["momentum"] == 0.9
+    assert {id(p) for p in group["params"]} == {id(p) for p in probe.parameters()}
 
 
 def test_representation_metrics_report_the_design_metric_names() -> None:

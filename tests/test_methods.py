@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from ldreg.backbones import build_backbone, patchify
 from ldreg.errors import UserError
-from ldreg.lid import lid_mom
 from ldreg.methods import METHODS, build_method
 from ldreg.methods.barlow_twins import barlow_twins_loss, off_diagonal
 from ldreg.methods.base import cosine_momentum, ema_update, frozen_copy, mlp
@@ -22,7 +21,7 @@ from ldreg.methods.vicreg import covariance_loss, invariance_loss, variance_loss
 from ldreg.regularizer import LDReg
 from ldreg.spec import METHODS as SPEC_METHODS
 from ldreg.spec import PretrainSpec
-from ldreg.train import TrainModule, build_train_module, ldreg_term
+from ldreg.train import TrainModule, build_train_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,20 +162,6 @@ def test_moco_v3_works_on_a_vit_backbone():
     out = model.method(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
     assert out.features.shape == (8, 192)
     assert len([m for m in model.method.projector if isinstance(m, torch.nn.Linear)]) == 3
-
-
-def test_byol_reference_includes_the_target_features_with_own_rows_excluded():
-    spec = spec_for("byol")
-    model = build_train_module(spec, image_size=8, num_classes=3)
-    out = model.method(torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8))
-    extra = out.extra_reference["features"]
-    assert extra.shape == out.features.shape and not extra.requires_grad
-    term = ldreg_term(model.ldreg, out.features, extra)
-    reference = torch.cat([out.features.detach(), extra])
-    lids = lid_mom(out.features.detach(), 4, reference, self_offset=0)
-    assert term.item() == pytest.approx(0.1 * (-lids.log().abs()).mean().item(), rel=1e-5)
-    without = ldreg_term(model.ldreg, out.features, None)
-    assert without.item() != pytest.approx(term.item())
 
 
 def test_ldreg_on_projections_regularizes_the_projector_output():

@@ -72,6 +72,10 @@ class BarlowTwins(SSLMethod):
     """Backbone → 3-layer projector (bias-free Linears, BN, ReLU) → Barlow Twins loss.
 
     Defaults: projector 2048–2048–2048 (the authors use 8192 on ImageNet), λ = 0.0051.
+
+    LDReg has no official loss for this method; the closest official method is SimCLR
+    (no momentum encoder, one loss over the pair of views), so the term is its mean
+    over the rows of both views with SimCLR's α.
     """
 
     name = "barlow_twins"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,11 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str]
     augmentation: ClassVar[str] = "simclr"
+    # How the LDReg term combines the rows of the two views (docs/science.md, "LDReg's
+    # strength per method"): "mean" is α·mean over all rows, as the authors' SimCLR and
+    # MAE losses; "sum_views" is α·(mean over view 1 + mean over view 2), as their BYOL
+    # loss, which adds one term per view like its symmetrised SSL loss.
+    ldreg_reduction: ClassVar[Literal["mean", "sum_views"]] = "mean"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__()

@@ -48,12 +48,14 @@ class BYOL(SSLMethod):
     Defaults: projector and predictor 4096 → 256 (Grill et al. 2020, Sec. 3.3), target
     momentum from 0.99 (solo-learn's CIFAR value; 0.996 on ImageNet) to 1 on a cosine.
 
-    For LDReg the target encoder's features join the reference set, as in the LDReg
-    authors' BYOL code (Huang et al. 2024).
+    For LDReg the target encoder's features join the reference set and the term is
+    summed over the two views, as in the LDReg authors' BYOL loss (Huang et al. 2024,
+    ``losses/byol_loss.py``: ``main_loss + alpha * (lid_reg_f_0 + lid_reg_f_1)``).
     """
 
     name = "byol"
     augmentation = "byol"
+    ldreg_reduction = "sum_views"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)

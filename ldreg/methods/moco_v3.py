@@ -68,10 +68,15 @@ class MoCoV3(SSLMethod):
     4096, output 256, ending in an affine-free BatchNorm; predictor 2 layers without it.
     The temperature defaults to the authors' 0.2 for ViT and 1.0 for ResNet; momentum
     rises from 0.99 to 1 on a cosine.
+
+    LDReg has no official MoCo v3 loss; the closest official method is BYOL (a momentum
+    encoder, a loss summed over the two views), so MoCo v3 takes its form: the momentum
+    encoder's features join the reference set and the term is summed over the views.
     """
 
     name = "moco_v3"
     augmentation = "byol"
+    ldreg_reduction = "sum_views"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
@@ -103,9 +108,18 @@ class MoCoV3(SSLMethod):
         projections = self.projector(features)
         queries = self.predictor(projections)
         with torch.no_grad():
-            keys = self.momentum_projector(self.momentum_backbone(views))
+            momentum_features = self.momentum_backbone(views)
+            keys = self.momentum_projector(momentum_features)
         loss = self.criterion(queries[:b], queries[b:], keys[:b], keys[b:])
-        return MethodOutput(loss=loss, features=features, projections=projections)
+        return MethodOutput(
+            loss=loss,
+            features=features,
+            projections=projections,
+            extra_reference={
+                "features": momentum_features.detach(),
+                "projections": keys.detach(),
+            },
+        )
 
     @torch.no_grad()
     def update_target(self, *, step: int, total_steps: int) -> None:

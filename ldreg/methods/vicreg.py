@@ -95,6 +95,10 @@ class VICReg(SSLMethod):
     """Backbone → 3-layer expander (Linear–BN–ReLU ×2, Linear) → VICReg loss.
 
     Defaults: expander 2048–2048–2048 (the authors use 8192 on ImageNet).
+
+    LDReg has no official loss for this method; the closest official method is SimCLR
+    (no momentum encoder, one loss over the pair of views), so the term is its mean
+    over the rows of both views with SimCLR's α.
     """
 
     name = "vicreg"
