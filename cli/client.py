@@ -48,7 +48,9 @@ KEY_METRICS = (
     "lid_gmean_k512",
     "effective_rank",
     "knn_acc",
+    "online_probe_acc",
     "linear_probe_acc",
+    "ldreg_lid_gmean",
 )
 
 Url = Annotated[

@@ -36,9 +36,11 @@ EPOCH_COLUMNS = (
     "ssl_loss",
     "ldreg_loss",
     "knn_acc",
+    "online_probe_acc",
     "linear_probe_acc",
     "lid_gmean_k32",
     "lid_gmean_k512",
+    "ldreg_lid_gmean",
     "effective_rank",
     "epoch_seconds",
 )

@@ -648,13 +648,20 @@ class ViewAugmentation:
     solarize_p: float = 0.0
 
 
+def simclr_jitter_strength(image_size: int) -> float:
+    """SimCLR's colour-jitter strength s: 0.5 for CIFAR-size images, 1.0 from 64 px
+    (Chen et al. 2020, Appendix A and B.9)."""
+    return 0.5 if image_size < 64 else 1.0
+
+
 def view_augmentations(kind: str, image_size: int) -> tuple[ViewAugmentation, ViewAugmentation]:
     """The two views' augmentations for ``kind`` (``simclr``, ``byol``, ``mae`` or a method).
 
     SimCLR (Chen et al. 2020, Appendix A): crop (0.08, 1), flip, colour jitter
-    (0.4, 0.4, 0.4, 0.1) p=0.8 — the strength 0.5 used for CIFAR —, grayscale p=0.2,
-    blur p=0.5. BYOL (Grill et al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), blur
-    p=1.0 / 0.1 and solarize p=0 / 0.2 on the two views. MAE (He et al. 2022, A.1): crop
+    (0.8s, 0.8s, 0.8s, 0.2s) p=0.8 with strength s = 1 at ImageNet size and s = 0.5 at
+    CIFAR size (their Appendix B.9; here s = 0.5 below 64 px), grayscale p=0.2, blur
+    p=0.5. BYOL (Grill et al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), blur p=1.0 /
+    0.1 and solarize p=0 / 0.2 on the two views. MAE (He et al. 2022, A.1): crop
     (0.2, 1) and flip only. Scaled to the image: crops keep ≥ 20 % of images under 32 px
     (an 8 % crop of a 16 px image is ~4 px), and blur — SimCLR drops it for CIFAR — only
     runs from 64 px, with a kernel of 10 % of the side and σ scaled from 224 px.
@@ -678,7 +685,9 @@ def view_augmentations(kind: str, image_size: int) -> tuple[ViewAugmentation, Vi
         "blur_sigma": sigma,
     }
     if recipe == "simclr":
-        view = ViewAugmentation(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0, **common)
+        strength = simclr_jitter_strength(image_size)
+        jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+        view = ViewAugmentation(jitter=jitter, blur_p=0.5 if blur else 0.0, **common)
         return view, view
     jitter = (0.4, 0.4, 0.2, 0.1)
     return (

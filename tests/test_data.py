@@ -265,6 +265,11 @@ def test_view_recipes_scale_with_image_size() -> None:
     large, _ = view_augmentations("simclr", 96)
     assert small.crop_scale == (0.2, 1.0) and small.blur_p == 0.0
     assert large.crop_scale == (0.08, 1.0) and large.blur_p == 0.5 and large.blur_kernel == 9
+    # SimCLR's colour-jitter strength: s = 0.5 at CIFAR size, s = 1 at ImageNet size.
+    cifar, _ = view_augmentations("simclr", 32)
+    imagenet, _ = view_augmentations("simclr", 224)
+    assert cifar.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    assert imagenet.jitter == pytest.approx((0.8, 0.8, 0.8, 0.2))
     byol1, byol2 = view_augmentations("vicreg", 64)  # VICReg uses BYOL's recipe
     assert (byol1.blur_p, byol1.solarize_p, byol2.blur_p, byol2.solarize_p) == (1.0, 0, 0.1, 0.2)
     mae, _ = view_augmentations("mae", 32)

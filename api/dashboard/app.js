@@ -16,9 +16,9 @@ const KINDS = ["pretrain", "diagnose"];
 // Metric names fixed by DESIGN.md; each group is one plot.
 const PLOTS = [
   { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"] },
-  { id: "lid", title: "Geometric-mean LID (MLE, backbone features)", series: ["lid_gmean_k32", "lid_gmean_k512"] },
+  { id: "lid", title: "Geometric-mean LID: held-out MLE (k32, k512) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"] },
   { id: "rank", title: "Effective rank", series: ["effective_rank"] },
-  { id: "acc", title: "Accuracy (kNN, linear probe)", series: ["knn_acc", "linear_probe_acc"] },
+  { id: "acc", title: "Held-out accuracy: kNN and online probe at every evaluation, offline linear probe (L2 chosen) at the end", series: ["knn_acc", "online_probe_acc", "linear_probe_acc"] },
 ];
 const PLOTTED = new Set(PLOTS.flatMap((p) => p.series));
 const HIDDEN_SERIES = new Set(["epoch_seconds"]);
