@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from api.edge import EdgeChecks
 from api.errors import install_error_handlers
 from api.observability import install_observability
 from api.reads import close_reads
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
+    app.add_middleware(EdgeChecks)  # inside the metrics middleware: its answers count too
     install_observability(app)
     jobs.add_poll_route(app, "/v1")  # the hot route, ahead of the routers (see there)
     app.include_router(health.router)

@@ -11,6 +11,7 @@ connections that idle requests hold).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -78,15 +79,30 @@ def invalid_key() -> ApiError:
     )
 
 
+# RFC 6750, Sec. 2.1: credentials = "Bearer" 1*SP b64token, the scheme case-insensitive
+# (RFC 9110, Sec. 11.1); b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" )
+# *"=".
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
+
+
+def parse_bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None. The one parser
+    of every route, so no route accepts a header another refuses."""
+    if not authorization:
+        return None
+    match = _BEARER.fullmatch(authorization.strip(" \t"))
+    return match.group(1) if match else None
+
+
 def bearer_token(request: Request) -> str:
-    """The request's bearer token, read as ``bearer_scheme`` reads it, for routes that
-    skip dependency resolution (the job poll, ``GET /v1/jobs/{id}``)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return api_key(token if scheme.lower() == "bearer" else None)
+    """The request's bearer token (401 without one)."""
+    return api_key(parse_bearer(request.headers.get("authorization")))
 
 
-async def current_team(reads: ReadsDep, credentials: Credentials) -> Team:
-    team = await reads.team_for_key(api_key(credentials.credentials if credentials else None))
+async def current_team(request: Request, reads: ReadsDep, _scheme: Credentials) -> Team:
+    # ``_scheme`` declares the Bearer scheme in OpenAPI; the header is parsed here, by
+    # the same function as the poll route's.
+    team = await reads.team_for_key(bearer_token(request))
     if team is None:
         raise invalid_key()
     return team

@@ -17,10 +17,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from api.reads import DatabaseUnavailable
 from service.errors import (
@@ -132,9 +133,24 @@ def validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return details
 
 
+# A limit (the team's queued jobs) frees up as jobs finish; how long to wait is a guess,
+# but a client told nothing retries at once.
+LIMIT_RETRY_AFTER_SECONDS = 30
+
+
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     status = next((s for cls, s in STATUS_FOR.items() if isinstance(exc, cls)), 400)
-    return error_response(status, exc.code, exc.message, exc.field, details=exc.details)
+    headers = {"Retry-After": str(LIMIT_RETRY_AFTER_SECONDS)} if status == 429 else None
+    return error_response(
+        status, exc.code, exc.message, exc.field, details=exc.details, headers=headers
+    )
+
+
+async def _client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    # Not an error of ours: the client went away mid-request (an upload cancelled with
+    # Ctrl-C). Whatever it had sent is already cleaned up; nobody reads this answer.
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -196,6 +212,7 @@ async def _reads_unavailable(request: Request, exc: DatabaseUnavailable) -> JSON
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DatabaseUnavailable, _reads_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

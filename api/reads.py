@@ -237,10 +237,22 @@ class Coalescer(Generic[K, V]):
             for _, future in batch:
                 future.cancel()
             raise
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
+            # The database is away for everyone: one answer (503) for all.
             for _, future in batch:
                 if not future.done():  # a client that went away cancelled its own
                     future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                _, future = batch[0]
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                # Something in the batch made the query fail (the edge refuses the inputs
+                # known to, api/edge.py; this is for the ones nobody foresaw): answer each
+                # member on its own, so only the request that caused it fails.
+                for key, future in batch:
+                    await self._run_alone(key, future)
         else:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
@@ -249,6 +261,21 @@ class Coalescer(Generic[K, V]):
             self._in_flight -= 1
             if self._waiting:
                 self._schedule(loop)
+
+    async def _run_alone(self, key: K, future: asyncio.Future[V]) -> None:
+        if future.done():
+            return
+        try:
+            (result,) = await self._run_batch([key])
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
 
 
 def _unavailable() -> tuple[type[BaseException], ...]:

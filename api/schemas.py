@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ldreg.spec import DiagnoseSpec, PretrainSpec
+from ldreg.spec import DiagnoseSpec, PretrainSpec, storable_text
 from service.models import Artifact, Job, JobEvent, Upload
 
 JobStateName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
@@ -19,15 +19,30 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _not_blank(name: str) -> str:
+    if not name.strip():
+        raise ValueError("must not be blank")
+    return name
+
+
+# What the jobs table can hold (String(200)), and something a person can read.
+JobName = Annotated[
+    str,
+    Field(min_length=1, max_length=200),
+    AfterValidator(storable_text),
+    AfterValidator(_not_blank),
+]
+
+
 class PretrainJobCreate(_Request):
     kind: Literal["pretrain"]
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    name: JobName | None = None
     spec: PretrainSpec
 
 
 class DiagnoseJobCreate(_Request):
     kind: Literal["diagnose"]
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    name: JobName | None = None
     spec: DiagnoseSpec
 
 

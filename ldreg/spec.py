@@ -13,7 +13,14 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 METHODS = ("simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae")
 BACKBONES = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
@@ -33,8 +40,34 @@ DEFAULT_ALPHA = {
 }
 
 
+# Bounds that no real spec comes near, so every integer fits a 32-bit column and a
+# loop or an allocation the worker makes from it, and a seed fits numpy and sklearn.
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1
+MAX_WIDTH = 65_536  # projector / predictor / decoder widths
+MAX_TEXT = 1_000
+
+
+def storable_text(value: str) -> str:
+    """Refuse text a database cannot store: NUL characters (PostgreSQL's text types
+    reject them) and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (found a lone surrogate)") from None
+    return value
+
+
+# A string that goes to the database: storable, and bounded.
+Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(storable_text)]
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN and ±Infinity are refused in every float field; JSON
+    # columns cannot store them, and no setting is meaningful at infinity.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def check_relative_data_path(path: str) -> str:
@@ -45,8 +78,9 @@ def check_relative_data_path(path: str) -> str:
     """
     if not path or path.strip() != path:
         raise ValueError("path must be a non-empty relative path without surrounding spaces")
-    if "\x00" in path or "\\" in path:
-        raise ValueError("path must not contain NUL or backslashes")
+    storable_text(path)
+    if "\\" in path:
+        raise ValueError("path must not contain backslashes")
     pure = PurePosixPath(path)
     if pure.is_absolute() or path.startswith("~"):
         raise ValueError("path must be relative to the data root, not absolute")
@@ -63,7 +97,7 @@ class DatasetSpec(_Spec):
     """
 
     name: Literal["digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic"] = "digits"
-    path: str | None = None
+    path: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
     image_size: Annotated[int, Field(ge=8, le=512)] | None = Field(
         default=None, description="resize images to this side; default: 32 for digits, native else"
     )
@@ -97,8 +131,8 @@ class OptimizerSpec(_Spec):
     lr_scaling: Literal["linear", "sqrt", "none"] = Field(
         default="linear", description="lr is scaled by batch/256 (linear) or sqrt(batch/256)"
     )
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 0
+    grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
 
 
 class LDRegSpec(_Spec):
@@ -111,14 +145,18 @@ class LDRegSpec(_Spec):
     estimator: Literal["mom", "mle"] = "mom"
     target: Literal["features", "projections"] = "features"
     form: Literal["l1", "log"] = "l1"
-    warmup_epochs: Annotated[int, Field(ge=0)] = 10
+    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 10
 
 
 class EvalSpec(_Spec):
-    lid_k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(default_factory=lambda: [32, 512])
-    every_epochs: Annotated[int, Field(ge=1)] = 1
-    knn_k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [20, 200])
-    max_samples: Annotated[int, Field(ge=64)] = Field(
+    lid_k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(
+        default_factory=lambda: [32, 512], max_length=16
+    )
+    every_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
+    knn_k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+        default_factory=lambda: [20, 200], max_length=16
+    )
+    max_samples: Annotated[int, Field(ge=64, le=10_000_000)] = Field(
         default=5000, description="cap on eval-set size used for LID / rank / kNN"
     )
     online_probe_lr: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
@@ -136,15 +174,15 @@ class EvalSpec(_Spec):
 class MethodOptions(_Spec):
     """Per-method hyper-parameters; ``None`` means the method's own default."""
 
-    temperature: Annotated[float, Field(gt=0.0)] | None = None
-    proj_hidden_dim: Annotated[int, Field(ge=8)] | None = None
-    proj_dim: Annotated[int, Field(ge=8)] | None = None
-    pred_hidden_dim: Annotated[int, Field(ge=8)] | None = None
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    proj_hidden_dim: Annotated[int, Field(ge=8, le=MAX_WIDTH)] | None = None
+    proj_dim: Annotated[int, Field(ge=8, le=MAX_WIDTH)] | None = None
+    pred_hidden_dim: Annotated[int, Field(ge=8, le=MAX_WIDTH)] | None = None
     momentum_base: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    lambda_offdiag: Annotated[float, Field(ge=0.0)] | None = None
+    lambda_offdiag: Annotated[float, Field(ge=0.0, le=1000.0)] | None = None
     mask_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    patch_size: Annotated[int, Field(ge=1)] | None = None
-    decoder_dim: Annotated[int, Field(ge=8)] | None = Field(
+    patch_size: Annotated[int, Field(ge=1, le=512)] | None = None
+    decoder_dim: Annotated[int, Field(ge=8, le=MAX_WIDTH)] | None = Field(
         default=None, description="MAE decoder width (divisible by 4)"
     )
     decoder_depth: Annotated[int, Field(ge=1, le=32)] | None = Field(
@@ -156,12 +194,12 @@ class PretrainSpec(_Spec):
     method: Literal["simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae"]
     backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 20
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 20
     batch_size: Annotated[int, Field(ge=4, le=65_536)] = 256
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     ldreg: LDRegSpec | None = Field(default_factory=LDRegSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     method_options: MethodOptions = Field(default_factory=MethodOptions)
     width: Annotated[int, Field(ge=4, le=256)] | None = Field(
         default=None, description="ResNet base width (64 = standard); smaller for quick runs"
@@ -172,7 +210,7 @@ class PretrainSpec(_Spec):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1
+    checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     devices: Annotated[int, Field(ge=1, le=64)] = 1
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     sync_bn: bool = Field(
@@ -204,11 +242,11 @@ class PretrainSpec(_Spec):
 
 
 class UploadSource(_Spec):
-    upload_id: str
+    upload_id: Text
 
 
 class JobSource(_Spec):
-    job_id: str
+    job_id: Text
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
 
 
@@ -220,7 +258,7 @@ class ReferenceSpec(_Spec):
         description="full: exact k-NN among all points; sample: a random subset of 'size'"
         " points (LIDs at a coarser scale); approximate: faiss IVF-Flat over all points",
     )
-    size: Annotated[int, Field(ge=16)] | None = Field(
+    size: Annotated[int, Field(ge=16, le=100_000_000)] | None = Field(
         default=None, description="sample mode: number of reference points"
     )
     nprobe: Annotated[int, Field(ge=1, le=4096)] = Field(
@@ -236,10 +274,14 @@ class ReferenceSpec(_Spec):
 
 class DiagnoseSpec(_Spec):
     source: UploadSource | JobSource
-    k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(default_factory=lambda: [32, 64, 512])
-    estimators: list[Literal["mle", "mom", "tle"]] = Field(default_factory=lambda: ["mle", "mom"])
+    k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(
+        default_factory=lambda: [32, 64, 512], max_length=16
+    )
+    estimators: list[Literal["mle", "mom", "tle"]] = Field(
+        default_factory=lambda: ["mle", "mom"], max_length=3
+    )
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     collapse_threshold: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
         default=1.0,
         description="local-collapse alarm: a point is flagged when its LID is more than this"

@@ -23,7 +23,15 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ldreg.spec import SPEC_MODELS, DatasetSpec, DiagnoseSpec, JobSource, PretrainSpec
+from ldreg.spec import (
+    SPEC_MODELS,
+    DatasetSpec,
+    DiagnoseSpec,
+    JobSource,
+    PretrainSpec,
+    storable_text,
+)
+from service.admission import check_admission
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from service.models import (
     ACTIVE_STATES,
@@ -95,6 +103,7 @@ def _check_limits_and_scope(
                 code="limit_exceeded",
             )
         _check_dataset_path(settings, spec.dataset, "spec.dataset.path")
+        check_admission(spec, queue=settings.default_queue, settings=settings)
         return
 
     source = spec.source
@@ -282,9 +291,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
         created = datetime.fromisoformat(created_at)
-        if created.tzinfo is None or not isinstance(job_id, str):
+        if created.tzinfo is None or not isinstance(job_id, str) or len(job_id) > 32:
             raise ValueError
-        return created, job_id
+        return created, storable_text(job_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise InvalidInput(
             "invalid cursor; pass the next_cursor of a previous page", field="cursor"

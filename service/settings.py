@@ -47,6 +47,14 @@ class Settings(BaseSettings):
 
     # Queues: jobs go to "gpu" when a worker has CUDA, "cpu" otherwise (see worker/).
     default_queue: str = "cpu"
+    # What one job may use on a worker of each queue (docs/operations.md, "Job sizes"):
+    # host memory, and GPU memory where the queue's workers have GPUs. The API refuses
+    # a spec whose estimate exceeds them (service/admission.py); the worker runs each
+    # job under the host limit (RLIMIT_DATA), so a job that still exceeds it fails
+    # alone with "out_of_memory" and the host survives. JSON in the environment:
+    # LDREG_QUEUE_MEMORY_GB='{"cpu": 16, "gpu": 64}'. A queue not named has no limit.
+    queue_memory_gb: dict[str, float] = Field(default_factory=lambda: {"cpu": 16.0, "gpu": 64.0})
+    queue_device_memory_gb: dict[str, float] = Field(default_factory=lambda: {"gpu": 40.0})
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

@@ -253,6 +253,11 @@ def inspect_embeddings(path: Path, *, max_unpacked_bytes: int) -> EmbeddingsInfo
             if "object" in str(exc).lower() or "pickle" in str(exc).lower():
                 raise _bad("object arrays (pickled data) are not accepted") from None
             raise _bad(f"not a readable .npy file: {exc}") from None
+        except Exception as exc:
+            # numpy parses the header of an untrusted file: a malformed one raises
+            # whatever its parser meets (TokenError, SyntaxError, OverflowError for a
+            # shape the data cannot back, ...). Each means the same to the user.
+            raise _bad(f"not a readable .npy file: {type(exc).__name__}: {exc}") from None
         try:
             n, d, dtype = _check_embeddings(x, what="embeddings")
         finally:
@@ -296,8 +301,10 @@ def inspect_embeddings(path: Path, *, max_unpacked_bytes: int) -> EmbeddingsInfo
         if "pickle" in str(exc).lower() or "object" in str(exc).lower():
             raise _bad("object arrays (pickled data) are not accepted") from None
         raise _bad(f"not a readable .npz file: {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise _bad(f"not a readable .npz file: {exc}") from None
+    except InvalidInput:
+        raise
+    except Exception as exc:  # as for .npy: any failure to parse means unreadable
+        raise _bad(f"not a readable .npz file: {type(exc).__name__}: {exc}") from None
     return EmbeddingsInfo("npz", n, d, dtype, has_labels=has_labels)
 
 

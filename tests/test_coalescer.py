@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from api.reads import Coalescer
+from api.reads import Coalescer, DatabaseUnavailable
 
 
 class Recorder:
@@ -66,14 +66,40 @@ def test_concurrent_lookups_share_batches_within_the_limits() -> None:
     asyncio.run(scenario())
 
 
-def test_a_failed_batch_fails_each_of_its_lookups_and_the_next_batch_runs() -> None:
+def test_an_unavailable_database_fails_each_lookup_of_the_batch_and_the_next_batch_runs() -> None:
     async def scenario() -> None:
-        run = Recorder(fail=RuntimeError("database away"))
+        run = Recorder(fail=DatabaseUnavailable("database away"))
         c = Coalescer(run, max_in_flight=1, max_batch=4)
         results = await asyncio.gather(*(c.get(k) for k in range(6)), return_exceptions=True)
-        assert all(isinstance(r, RuntimeError) for r in results)
+        assert all(isinstance(r, DatabaseUnavailable) for r in results)
+        assert [len(b) for b in run.batches] == [4, 2], "no retry one by one: all are down"
         run.fail = None
         assert await c.get(7) == 70
+
+    asyncio.run(scenario())
+
+
+class Poisoned(Recorder):
+    """A batch query that fails whenever key 13 is in it (as a bad input would)."""
+
+    async def __call__(self, keys: list[int]) -> list[int]:
+        self.fail = ValueError("bad input") if 13 in keys else None
+        return await super().__call__(keys)
+
+
+def test_a_member_that_fails_its_batch_fails_alone_and_the_others_get_their_answers() -> None:
+    async def scenario() -> None:
+        run = Poisoned()
+        c = Coalescer(run, max_in_flight=1, max_batch=8)
+        keys = [1, 2, 13, 4, 5]
+        results = await asyncio.gather(*(c.get(k) for k in keys), return_exceptions=True)
+        assert results[:2] == [10, 20] and results[3:] == [40, 50]
+        assert isinstance(results[2], ValueError)
+        assert run.batches[0] == keys  # tried together first, then one by one
+        assert sorted(map(tuple, run.batches[1:])) == [(1,), (2,), (4,), (5,), (13,)]
+        # A lone failing lookup gets its error, not a hang.
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(c.get(13), timeout=5)
 
     asyncio.run(scenario())
 

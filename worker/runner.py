@@ -11,9 +11,16 @@ fenced by the attempt this process claimed:
 * ``kind`` decides what runs; the outcome is classified:
   success → artifacts + ``succeeded`` with the summary;
   ``UserError`` (bad spec or data, NaN loss) → ``failed`` with its code, no retry;
+  out of memory (over the job's limit below, or the GPU's) → ``failed`` with
+  ``out_of_memory``, no retry: the same spec would need the same memory again;
   cancelled → ``cancelled``; SIGTERM (worker shutting down) → handed back to the queue;
-  anything else (out of memory, a lost device, a bug) → infrastructure: queued again
-  to resume from the last checkpoint while attempts remain, then ``failed``.
+  anything else (a lost device, a bug) → infrastructure: queued again to resume from
+  the last checkpoint while attempts remain, then ``failed``.
+
+Each job runs under a host-memory limit, the one its queue is configured with
+(``Settings.queue_memory_gb``), set as this process's soft ``RLIMIT_DATA``: an
+allocation past it fails in this process instead of the kernel's OOM killer taking
+the worker or a neighbour, so one oversized job fails alone and the host survives.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import threading
@@ -127,6 +135,7 @@ def _run_job(
         attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
         job = s.get(Job, job_id) if attempt is not None else None
         kind, spec_data = (job.kind, dict(job.spec)) if job is not None else (None, None)
+        queue = job.queue if job is not None else settings.default_queue
     if attempt is None:
         log.info(
             "job %s not claimable (a duplicate message, or already running, finished or"
@@ -148,8 +157,10 @@ def _run_job(
     beat.start()
     sink = DatabaseSink(lease)
     run_dir = settings.job_dir(job_id)
+    memory_limit_gb = settings.queue_memory_gb.get(queue)
     try:
         with _job_log(run_dir, attempt):
+            limit_memory(memory_limit_gb)
             summary = _execute(kind, spec_data, settings, run_dir, sink)
     except TrainingCancelled as exc:
         return _stopped(lease, run_dir, str(exc))
@@ -158,7 +169,11 @@ def _run_job(
         log.info("job %s failed: %s: %s", job_id, code, message)
         return _finish(lease, run_dir, JobState.FAILED, error=(code, message))
     except Exception as exc:
-        return _infrastructure_failure(lease, exc)
+        if not is_out_of_memory(exc):
+            return _infrastructure_failure(lease, exc)
+        message = _out_of_memory_message(exc, memory_limit_gb, queue)
+        log.info("job %s failed: out_of_memory: %s", job_id, message)
+        return _finish(lease, run_dir, JobState.FAILED, error=("out_of_memory", message))
     finally:
         beat.stop()
     if lease.lost.is_set():
@@ -242,16 +257,36 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
     return _after_requeue(lease, state)
 
 
+def limit_memory(limit_gb: float | None) -> None:
+    """This process's soft RLIMIT_DATA (heap and private mappings) for the next job;
+    no limit (up to the hard one) when the queue has none."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = hard if limit_gb is None else int(limit_gb * 1024**3)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, torch's CPU allocator refusing (a RuntimeError), or CUDA's
+    OutOfMemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _out_of_memory_message(exc: BaseException, limit_gb: float | None, queue: str) -> str:
+    where = "the GPU" if type(exc).__name__ == "OutOfMemoryError" else "host memory"
+    limit = f" (a job on queue '{queue}' may use {limit_gb:g} GiB)" if limit_gb else ""
+    return (
+        f"out of {where}{limit}: {type(exc).__name__}: {str(exc)[:300]}. Lower batch_size,"
+        " dataset.image_size, eval.max_samples or the backbone's size"
+    )
+
+
 def _infrastructure_failure(lease: Any, exc: BaseException) -> str:
-    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
-        code = "out_of_memory"
-        cause = (
-            f"out of memory ({type(exc).__name__}); reduce batch_size, image_size or the"
-            " backbone if it keeps happening"
-        )
-    else:
-        code = "worker_error"
-        cause = f"unexpected error: {type(exc).__name__}: {exc}"
+    code = "worker_error"
+    cause = f"unexpected error: {type(exc).__name__}: {exc}"
     log.exception("job %s attempt %d: %s", lease.job_id, lease.attempt, cause)
     if lease.lost.is_set():
         return "lost"

@@ -148,7 +148,9 @@ def get_job_metrics(
     session: SessionDep,
     team: CurrentTeam,
     name: Annotated[list[str] | None, Query(description="only these series")] = None,
-    since: Annotated[int | None, Query(description="only steps after this one")] = None,
+    since: Annotated[
+        int | None, Query(ge=0, le=2**31 - 1, description="only steps after this one")
+    ] = None,
     max_points: Annotated[
         int | None, Query(ge=1, le=100_000, description="thin each series to at most this many")
     ] = None,
