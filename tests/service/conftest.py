@@ -24,6 +24,8 @@ import httpx
 import pytest
 import redis
 
+from service import auth
+from service.db import session_scope
 from tests.conftest import fresh_postgres_database
 
 REDIS_SERVER = "redis://127.0.0.1:6379"
@@ -266,3 +268,21 @@ def wait_for(
 
 def finished(job: dict) -> bool:
     return job["state"] in ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def new_team(api_server: str, pg_url: str) -> Iterator[Callable[[], tuple[httpx.Client, str]]]:
+    """Factory: (client, team id) for a new team, made with the data-layer call that
+    ``ldreg admin create-team`` uses (in-process, to keep the suite fast)."""
+    clients: list[httpx.Client] = []
+
+    def make(base: str = api_server) -> tuple[httpx.Client, str]:
+        with session_scope(pg_url) as s:
+            team, key = auth.create_team(session=s, name=f"team-{uuid.uuid4().hex[:10]}")
+        c = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        clients.append(c)
+        return c, team.id
+
+    yield make
+    for c in clients:
+        c.close()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,27 +14,8 @@ import pytest
 from conftest import LDREG, ServiceProcess, free_port, wait_http_ok
 from sqlalchemy import update
 
-from service import auth
 from service.db import session_scope
 from service.models import Job, Upload
-
-
-@pytest.fixture
-def new_team(api_server: str, pg_url: str) -> Iterator[Callable[[], tuple[httpx.Client, str]]]:
-    """Factory: (client, team id) for a new team, made with the data-layer call that
-    ``ldreg admin create-team`` uses (in-process, to keep the suite fast)."""
-    clients: list[httpx.Client] = []
-
-    def make(base: str = api_server) -> tuple[httpx.Client, str]:
-        with session_scope(pg_url) as s:
-            team, key = auth.create_team(session=s, name=f"team-{uuid.uuid4().hex[:10]}")
-        c = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        clients.append(c)
-        return c, team.id
-
-    yield make
-    for c in clients:
-        c.close()
 
 
 def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
@@ -122,6 +102,9 @@ def test_bad_embeddings_are_422_with_the_reason_and_leave_nothing(
         (npz_bytes(embeddings=np.ones((10, 4)), labels=np.arange(9)), "length 10"),
         (npz_bytes(embeddings=np.ones((10, 4)), labels=np.ones(10)), "integers"),
         (npz_bytes(a=np.ones((10, 4)), b=np.ones((10, 4))), "'embeddings'"),
+        # Headers that do not fit their data (a 500 before: OverflowError, TokenError).
+        (npy_bytes(np.ones((4, 3), np.float32)).replace(b"(4, 3)", b"(-4,3)"), "not a readable"),
+        (npy_bytes(np.ones((4, 3), np.float32)).replace(b"(4, 3)", b"(99999"), "not a readable"),
     ]
     for content, reason in cases:
         r = upload(client, content)
