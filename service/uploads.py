@@ -196,7 +196,9 @@ async def receive_multipart_file(
         raise
     return ReceivedFile(
         path=dest,
-        filename=Path(receiver.filename.replace("\\", "/")).name[:300] or "upload",
+        # Display only: path parts and control characters (NUL, which PostgreSQL cannot
+        # store, among them) are dropped.
+        filename=_display_name(receiver.filename),
         size=receiver.size,
         sha256=receiver.hasher.hexdigest(),
     )
@@ -209,6 +211,11 @@ class EmbeddingsInfo:
     dim: int
     dtype: str
     has_labels: bool
+
+
+def _display_name(filename: str) -> str:
+    name = Path(filename.replace("\\", "/")).name
+    return "".join(c for c in name if c.isprintable())[:300] or "upload"
 
 
 def _bad(message: str) -> InvalidInput:

@@ -5,6 +5,7 @@ requests never disturb another's."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import time
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import finished, wait_for
 
@@ -50,6 +52,19 @@ def test_nul_characters_anywhere_are_a_clear_4xx_on_postgresql(new_team) -> None
     for body in NUL_BODIES:
         r = client.post("/v1/jobs", json=body)
         assert r.status_code == 422, (body, r.text)
+    # An upload's file name is only displayed: its control characters are dropped.
+    content = io.BytesIO()
+    np.save(content, np.ones((8, 3), np.float32))
+    # Raw bytes: httpx would percent-encode them in the part's header.
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="emb\x00\x01.npy"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + content.getvalue() + b"\r\n--b--\r\n"
+    )
+    r = client.post(
+        "/v1/uploads", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["filename"] == "emb.npy"
     # A cursor whose decoded id holds one.
     raw = json.dumps(["2026-01-01T00:00:00+00:00", "a\u0000"]).encode()
     cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
