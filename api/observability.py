@@ -8,7 +8,7 @@
   depth, running jobs' epochs per hour, worker heartbeat ages, the age of the oldest
   queued job, and whether the database and broker answered.
 
-Unauthenticated by design (DESIGN.md, "Auth"): it exposes counts, never job content;
+Unauthenticated by design (docs/api.md, "Auth"): it exposes counts, never job content;
 keep it on the internal network. docs/operations.md has the alert rules.
 """
 

@@ -1,4 +1,4 @@
-"""Request and response bodies of HTTP API v1 (shapes fixed by shared/DESIGN.md)."""
+"""Request and response bodies of HTTP API v1 (shapes documented in docs/api.md)."""
 
 from __future__ import annotations
 

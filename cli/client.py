@@ -39,7 +39,7 @@ from client import (
     ServiceUnreachable,
 )
 
-# Metrics shown by `watch` and `status`, in this order (DESIGN.md's dashboard names).
+# Metrics shown by `watch` and `status`, in this order (docs/science.md's names).
 KEY_METRICS = (
     "loss",
     "ssl_loss",

@@ -1,4 +1,4 @@
-"""Typed views of the API's JSON (shared/DESIGN.md, "HTTP API (v1)").
+"""Typed views of the API's JSON (docs/api.md).
 
 Models accept fields they do not know (``extra="allow"``) so an older client keeps
 working when the server adds fields; the fields named here are the fixed interface.

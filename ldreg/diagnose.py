@@ -112,7 +112,7 @@ class LIDHistogram:
 
 @dataclass
 class DiagnosisReport:
-    """Everything a diagnosis computed; ``summary()`` is the job summary of DESIGN.md.
+    """Everything a diagnosis computed; ``summary()`` is the job summary of docs/api.md.
 
     ``lids[(estimator, k)]`` holds the per-point LIDs (float32, in input order);
     ``k_used[k]`` is the k actually used (clipped to the available neighbours).

@@ -302,7 +302,7 @@ class OnlineLinearProbe(nn.Module):
 def representation_metrics(
     features: Tensor, *, lid_k: Sequence[int] = (32, 512)
 ) -> dict[str, float]:
-    """Local and global dimensionality of a representation, with DESIGN.md's metric names.
+    """Local and global dimensionality of a representation, named as in docs/science.md.
 
     ``lid_gmean_k{k}`` is the geometric mean of the MLE LID of every point with its
     ``k`` nearest neighbours among the others, in the LDReg authors' tracking variant

@@ -4,8 +4,8 @@ These models import only pydantic (never torch), so the API can validate a spec
 without loading the science stack. Unknown fields are rejected (``extra="forbid"``)
 so a typo in a spec is a 422 naming the field, not a silently ignored setting.
 
-The field names are fixed by shared/DESIGN.md ("A pretrain spec", "A diagnose spec");
-fields beyond those are additions with defaults.
+Clients depend on the field names (docs/api.md, "A pretrain spec", "A diagnose
+spec"); new fields come with defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic")
 FILE_DATASETS = ("cifar10", "cifar100", "image_folder", "npz")
 ESTIMATORS = ("mle", "mom", "tle")
 
-# Official LDReg α per method (Huang et al. 2024, authors' configs; DESIGN.md table).
+# Official LDReg α per method (Huang et al. 2024, authors' configs; docs/science.md).
 # Barlow Twins and VICReg have no official value; they use SimCLR's.
 DEFAULT_ALPHA = {
     "simclr": 0.01,

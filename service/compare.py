@@ -14,7 +14,7 @@ Two distances, for each (estimator, k) both jobs measured, each job against the 
   ``fisher_rao``, above it when the shapes differ (e.g. a collapsed tail). Only when
   both jobs left per-point LIDs (diagnose jobs); ``None`` otherwise.
 
-A pretrain job's summary names its LIDs ``lid_gmean_k{k}`` (MLE, DESIGN.md's metric
+A pretrain job's summary names its LIDs ``lid_gmean_k{k}`` (MLE, docs/science.md's metric
 names); a diagnose job's holds ``{"lid_gmean": {estimator: {k: value}}}``. Both are
 read into the same ``{(estimator, k): value}`` form.
 """

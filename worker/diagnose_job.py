@@ -10,7 +10,7 @@ Two sources (``ldreg.spec.DiagnoseSpec.source``):
   with the pretrain job's seed so a seeded split or a synthetic dataset is the one the
   model was evaluated on during training.
 
-Results: the summary (DESIGN.md: ``{"lid_gmean": {"mle": {"32": ...}}, ...}``), and in
+Results: the summary (docs/api.md: ``{"lid_gmean": {"mle": {"32": ...}}, ...}``), and in
 the job's folder ``lids.npz`` (per-point LIDs, float32 arrays ``"{estimator}_k{k}"``
 in the order of the input points, plus ``labels`` when known) and ``histogram.json``
 (log-spaced histograms and full summaries, also per class, for dashboards). Files are

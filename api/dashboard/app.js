@@ -13,7 +13,7 @@ const POLL_MS = 2000;
 const STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
 const ACTIVE = new Set(["queued", "running", "cancelling"]);
 const KINDS = ["pretrain", "diagnose"];
-// Metric names fixed by DESIGN.md; each group is one plot.
+// Metric names of docs/science.md; each group is one plot.
 const PLOTS = [
   { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"] },
   { id: "lid", title: "Geometric-mean LID: held-out MLE (k32, k512) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"] },

@@ -70,7 +70,7 @@ def test_uploaded_embeddings_are_diagnosed_and_compared(client: httpx.Client, st
     done_a = wait_for(client, job_a, succeeded, worker=worker, timeout=120)
     assert done_a["progress"]["fraction"] == 1.0  # diagnoses report points done
     summary = done_a["summary"]
-    # DESIGN.md's shape: estimator → k (as a string) → geometric-mean LID.
+    # docs/api.md's shape: estimator → k (as a string) → geometric-mean LID.
     assert set(summary["lid_gmean"]) == {"mle", "mom"}
     assert set(summary["lid_gmean"]["mle"]) == {"8", "32"}
     assert 1.0 < summary["effective_rank"] <= 10.0
