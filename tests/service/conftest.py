@@ -286,3 +286,12 @@ def new_team(api_server: str, pg_url: str) -> Iterator[Callable[[], tuple[httpx.
     yield make
     for c in clients:
         c.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/service starts real processes: mark it ``service``, so
+    ``make test-fast`` (``-m "not service"``) leaves it out."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.service)
