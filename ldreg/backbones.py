@@ -24,22 +24,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ldreg import registry
 from ldreg.errors import UserError
-
-RESNET_LAYERS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-}
-
-# (embed_dim, depth, num_heads) from Dosovitskiy et al. 2021 (Table 1) and Touvron et al.
-# 2021 (DeiT, Table 1) for tiny/small.
-VIT_CONFIGS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-}
-
-BACKBONE_NAMES = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS)
 
 
 class ResNetBackbone(ResNet):
@@ -290,14 +276,21 @@ def build_backbone(
     """Build a randomly initialised backbone and return ``(module, feature_dim)``.
 
     Args:
-        name: one of ``resnet18``, ``resnet50``, ``vit_tiny``, ``vit_small``, ``vit_base``.
+        name: a backbone of ``ldreg.registry.BACKBONES``.
         image_size: input side in pixels (sets the ResNet stem default and the ViT grid).
         width: ResNet base width (64 is torchvision's); ignored by ViTs.
         small_stem: ResNet 3×3 stride-1 stem without max-pool; default ``image_size <= 64``.
         patch_size: ViT patch side; default from :func:`default_patch_size`.
     """
-    if name in RESNET_LAYERS:
-        block, layers = RESNET_LAYERS[name]
+    entry = registry.BACKBONES.get(name)
+    if entry is None:
+        raise UserError(
+            f"unknown backbone '{name}'; expected one of {', '.join(registry.BACKBONES)}",
+            code="invalid_backbone",
+        )
+    if entry.family == "resnet":
+        block = Bottleneck if entry.bottleneck else BasicBlock
+        layers = list(entry.blocks)
         if width is not None and width < 1:
             raise UserError(
                 f"ResNet width must be positive, found {width}", code="invalid_backbone"
@@ -309,17 +302,11 @@ def build_backbone(
             small_stem=image_size <= 64 if small_stem is None else small_stem,
         )
         return model, model.feature_dim
-    if name in VIT_CONFIGS:
-        dim, depth, heads = VIT_CONFIGS[name]
-        vit = VisionTransformer(
-            image_size=image_size,
-            patch_size=default_patch_size(image_size) if patch_size is None else patch_size,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=heads,
-        )
-        return vit, vit.feature_dim
-    raise UserError(
-        f"unknown backbone '{name}'; expected one of {', '.join(BACKBONE_NAMES)}",
-        code="invalid_backbone",
+    vit = VisionTransformer(
+        image_size=image_size,
+        patch_size=default_patch_size(image_size) if patch_size is None else patch_size,
+        embed_dim=entry.dim,
+        depth=entry.depth,
+        num_heads=entry.heads,
     )
+    return vit, vit.feature_dim

@@ -32,7 +32,7 @@ import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast, get_args
 
 import numpy as np
 import torch
@@ -41,21 +41,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms import v2
 
+from ldreg import registry
 from ldreg.errors import DatasetError
+from ldreg.registry import AugmentationRecipe
 from ldreg.spec import DatasetSpec
 
-AugmentKind = Literal["simclr", "byol", "mae"]
 
-# Which recipe each SSL method trains with: MoCo v3 (Chen et al. 2021), Barlow Twins
-# (Zbontar et al. 2021) and VICReg (Bardes et al. 2022) all adopt BYOL's asymmetric one.
-AUGMENTATION_FOR_METHOD: dict[str, AugmentKind] = {
-    "simclr": "simclr",
-    "byol": "byol",
-    "moco_v3": "byol",
-    "barlow_twins": "byol",
-    "vicreg": "byol",
-    "mae": "mae",
-}
+def augmentation_recipe(kind: str) -> AugmentationRecipe:
+    """The recipe named ``kind``, or the one the method ``kind`` trains with (the
+    registry: MoCo v3, Barlow Twins and VICReg adopt BYOL's asymmetric recipe)."""
+    if kind in registry.METHODS:
+        return registry.METHODS[kind].augmentation
+    if kind in get_args(AugmentationRecipe):
+        return cast(AugmentationRecipe, kind)
+    raise ValueError(f"unknown augmentation kind '{kind}'; expected simclr, byol, mae or a method")
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -666,9 +666,7 @@ def view_augmentations(kind: str, image_size: int) -> tuple[ViewAugmentation, Vi
     (an 8 % crop of a 16 px image is ~4 px), and blur — SimCLR drops it for CIFAR — only
     runs from 64 px, with a kernel of 10 % of the side and σ scaled from 224 px.
     """
-    recipe = AUGMENTATION_FOR_METHOD.get(kind)
-    if recipe is None:
-        raise ValueError(f"unknown augmentation kind '{kind}'; expected simclr, byol or mae")
+    recipe = augmentation_recipe(kind)
     if recipe == "mae":
         view = ViewAugmentation(image_size=image_size, crop_scale=(0.2, 1.0))
         return view, view

@@ -10,6 +10,7 @@ spec"); new fields come with defaults.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
@@ -18,26 +19,40 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-METHODS = ("simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae")
-BACKBONES = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
-DATASETS = ("digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic")
-FILE_DATASETS = ("cifar10", "cifar100", "image_folder", "npz")
-ESTIMATORS = ("mle", "mom", "tle")
+from ldreg import registry
 
-# Official LDReg α per method (Huang et al. 2024, authors' configs; docs/science.md).
-# Barlow Twins and VICReg have no official value; they use SimCLR's.
-DEFAULT_ALPHA = {
-    "simclr": 0.01,
-    "byol": 0.005,
-    "moco_v3": 0.005,
-    "barlow_twins": 0.01,
-    "vicreg": 0.01,
-    "mae": 5e-6,
-}
+# The names come from the registry (ldreg/registry.py), the one list of them.
+METHODS = tuple(registry.METHODS)
+BACKBONES = tuple(registry.BACKBONES)
+DATASETS = tuple(registry.DATASETS)
+FILE_DATASETS = tuple(name for name, d in registry.DATASETS.items() if d.file_based)
+ESTIMATORS = registry.ESTIMATORS
+DEFAULT_ALPHA = {name: m.default_alpha for name, m in registry.METHODS.items()}
+
+
+def _member_of(names: Mapping[str, object], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(names)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _enum(names: Mapping[str, object]) -> WithJsonSchema:
+    # Listed as an enum in JSON Schema, so in OpenAPI and in the dashboard's choices,
+    # which read it.
+    return WithJsonSchema({"type": "string", "enum": list(names)})
+
+
+MethodName = Annotated[str, _member_of(registry.METHODS, "method"), _enum(registry.METHODS)]
+BackboneName = Annotated[str, _member_of(registry.BACKBONES, "backbone"), _enum(registry.BACKBONES)]
+DatasetName = Annotated[str, _member_of(registry.DATASETS, "dataset"), _enum(registry.DATASETS)]
 
 
 # Bounds that no real spec comes near, so every integer fits a 32-bit column and a
@@ -96,7 +111,7 @@ class DatasetSpec(_Spec):
     the file-based datasets (``cifar10``, ``cifar100``, ``image_folder``, ``npz``).
     """
 
-    name: Literal["digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic"] = "digits"
+    name: DatasetName = "digits"
     path: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
     image_size: Annotated[int, Field(ge=8, le=512)] | None = Field(
         default=None, description="resize images to this side; default: 32 for digits, native else"
@@ -191,8 +206,8 @@ class MethodOptions(_Spec):
 
 
 class PretrainSpec(_Spec):
-    method: Literal["simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae"]
-    backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    method: MethodName
+    backbone: BackboneName = "resnet18"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 20
     batch_size: Annotated[int, Field(ge=4, le=65_536)] = 256
@@ -229,8 +244,10 @@ class PretrainSpec(_Spec):
                 f"batch_size ({self.batch_size}) must be divisible by devices ({self.devices}):"
                 " each device trains on an equal share of the global batch"
             )
-        if self.method == "mae" and not self.backbone.startswith("vit"):
-            raise ValueError("method 'mae' needs a ViT backbone (vit_tiny, vit_small, vit_base)")
+        if registry.METHODS[self.method].needs_vit:
+            vits = [b for b, entry in registry.BACKBONES.items() if entry.family == "vit"]
+            if self.backbone not in vits:
+                raise ValueError(f"method '{self.method}' needs a ViT backbone ({', '.join(vits)})")
         return self
 
     @property

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ldreg import registry
 from ldreg.spec import PretrainSpec
 from service.errors import InvalidInput
 from service.settings import Settings
@@ -32,27 +33,12 @@ from service.settings import Settings
 GIB = 1024**3
 FLOAT = 4  # bytes: training runs in fp32 on the CPU, and keeps fp32 master weights on GPU
 
-# Parameters at the standard width (64) / the ViT sizes, and the feature width.
-_BACKBONE_PARAMS = {"resnet18": 11.2e6, "resnet50": 23.5e6}
-_VIT = {"vit_tiny": (5.5e6, 192, 12), "vit_small": (21.7e6, 384, 12), "vit_base": (85.8e6, 768, 12)}
-_RESNET_FEATURES = {"resnet18": 8, "resnet50": 32}  # × width
+# Feature width of a ResNet, × its base width: BasicBlock stages end at 8× it,
+# Bottleneck ones (4× expansion) at 32×.
+_RESNET_FEATURES = {False: 8, True: 32}
 # Bytes one 224 px image keeps for backward at width 64 with the standard stem
 # (its first feature map 56 × 56), fp32: ~35 MB for ResNet-18, ~100 MB for ResNet-50.
-_RESNET_ACTIVATION = {"resnet18": 35e6, "resnet50": 100e6}
-# Images each dataset holds in memory; file folders and archives are sized by the
-# worker (it fails a job whose data does not fit with a user error).
-_DATASET_IMAGES = {"digits": 1797, "cifar10": 60_000, "cifar100": 60_000}
-_NATIVE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "synthetic": 32, "image_folder": 224}
-# Per method: (projector hidden, projector out, projector layers, predictor hidden or 0,
-# keeps a momentum copy of backbone and projector).
-_HEADS = {
-    "simclr": (2048, 128, 2, 0, False),
-    "byol": (4096, 256, 2, 4096, True),
-    "moco_v3": (4096, 256, 2, 4096, True),
-    "barlow_twins": (2048, 2048, 3, 0, False),
-    "vicreg": (2048, 2048, 3, 0, False),
-    "mae": (0, 0, 0, 0, False),
-}
+_RESNET_ACTIVATION = {False: 35e6, True: 100e6}  # keyed by "bottleneck"
 
 
 @dataclass(frozen=True)
@@ -79,14 +65,15 @@ class Estimate:
 
 
 def _image_size(spec: PretrainSpec) -> int:
-    return spec.dataset.image_size or _NATIVE_SIZE.get(spec.dataset.name, 32)
+    return spec.dataset.image_size or registry.DATASETS[spec.dataset.name].native_size or 32
 
 
 def _backbone(spec: PretrainSpec) -> tuple[float, int, float]:
     """(parameters, feature width, activation bytes per image)."""
     size = _image_size(spec)
-    if spec.backbone in _VIT:
-        params, dim, depth = _VIT[spec.backbone]
+    entry = registry.BACKBONES[spec.backbone]
+    if entry.family == "vit":
+        params, dim, depth = entry.parameters, entry.dim, entry.depth
         patch = spec.method_options.patch_size or (4 if size <= 64 else 16)
         tokens = (size // patch) ** 2 + 1
         heads = dim // 64
@@ -97,29 +84,31 @@ def _backbone(spec: PretrainSpec) -> tuple[float, int, float]:
     scale = (width / 64) ** 2
     small_stem = spec.small_stem if spec.small_stem is not None else size <= 64
     first_map = size if small_stem else size / 4
-    per_image = _RESNET_ACTIVATION[spec.backbone] * (first_map / 56) ** 2 * (width / 64)
+    per_image = _RESNET_ACTIVATION[entry.bottleneck] * (first_map / 56) ** 2 * (width / 64)
     return (
-        _BACKBONE_PARAMS[spec.backbone] * scale,
-        _RESNET_FEATURES[spec.backbone] * width,
+        entry.parameters * scale,
+        _RESNET_FEATURES[entry.bottleneck] * width,
         per_image,
     )
 
 
 def _head_params(spec: PretrainSpec, feat_dim: int) -> tuple[float, bool]:
-    hidden, out, layers, pred_hidden, momentum = _HEADS[spec.method]
+    """The heads' parameters (the method's registry defaults, or its options) and
+    whether it keeps a momentum copy."""
+    heads = registry.METHODS[spec.method].heads
     opts = spec.method_options
-    hidden = opts.proj_hidden_dim or hidden
-    out = opts.proj_dim or out
-    pred_hidden = (opts.pred_hidden_dim or pred_hidden) if pred_hidden else 0
+    hidden = opts.proj_hidden_dim or heads.proj_hidden
+    out = opts.proj_dim or heads.proj_dim
+    pred_hidden = (opts.pred_hidden_dim or heads.pred_hidden) if heads.pred_hidden else 0
     params = 0.0
-    if layers:
-        params = feat_dim * hidden + (layers - 2) * hidden * hidden + hidden * out
+    if heads.proj_layers:
+        params = feat_dim * hidden + (heads.proj_layers - 2) * hidden * hidden + hidden * out
     if pred_hidden:
         params += 2 * out * pred_hidden
-    if spec.method == "mae":
-        dim = opts.decoder_dim or 512
-        params += (opts.decoder_depth or 8) * 12 * dim * dim
-    return params, momentum
+    if heads.decoder_depth:
+        dim = opts.decoder_dim or heads.decoder_dim
+        params += (opts.decoder_depth or heads.decoder_depth) * 12 * dim * dim
+    return params, heads.momentum_copy
 
 
 def estimate_pretrain(spec: PretrainSpec, *, on_gpu: bool = False) -> Estimate:
@@ -149,10 +138,12 @@ def estimate_pretrain(spec: PretrainSpec, *, on_gpu: bool = False) -> Estimate:
     )
     ldreg = Need("LDReg distances of the batch", 4 * rows * rows * FLOAT, "spec.batch_size")
 
+    # File folders and archives are sized by the worker, which fails a job whose data
+    # does not fit its memory limit.
     images = (
         spec.dataset.num_samples
         if spec.dataset.name == "synthetic"
-        else _DATASET_IMAGES.get(spec.dataset.name, 0)
+        else registry.DATASETS[spec.dataset.name].images or 0
     )
     data_field = (
         "spec.dataset.num_samples"

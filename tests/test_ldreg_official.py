@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldreg.methods import METHODS
+from ldreg.registry import METHODS
 from ldreg.spec import DEFAULT_ALPHA, PretrainSpec
 from ldreg.train import build_train_module, ldreg_term
 
@@ -161,7 +161,7 @@ def test_methods_without_official_code_take_simclrs_form(method: str) -> None:
 
 
 def test_every_method_declares_its_ldreg_form_and_momentum_methods_add_their_target() -> None:
-    forms = {name: cls.ldreg_reduction for name, cls in METHODS.items()}
+    forms = {name: entry.ldreg_reduction for name, entry in METHODS.items()}
     assert forms == {
         "simclr": "mean",
         "byol": "sum_views",

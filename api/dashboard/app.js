@@ -815,34 +815,60 @@ function renderComparisonSummary(section, jobs, metrics, comparison) {
 const SUBMIT_FIELDS = [
   { legend: "Job", fields: [
     { path: "name", label: "Name", type: "text", value: "", hint: "optional" },
-    { path: "spec.method", label: "Method", options: ["simclr", "byol", "moco_v3", "barlow_twins", "vicreg", "mae"], value: "simclr" },
-    { path: "spec.backbone", label: "Backbone", options: ["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"], value: "resnet18" },
+    { path: "spec.method", label: "Method", choices: ["PretrainSpec", "method"], value: "simclr" },
+    { path: "spec.backbone", label: "Backbone", choices: ["PretrainSpec", "backbone"], value: "resnet18" },
     { path: "spec.width", label: "ResNet width", type: "number", value: "", hint: "blank: 64 (standard)" },
     { path: "spec.epochs", label: "Epochs", type: "number", value: "20" },
     { path: "spec.batch_size", label: "Batch size", type: "number", value: "256" },
     { path: "spec.seed", label: "Seed", type: "number", value: "0" },
   ] },
   { legend: "Dataset", fields: [
-    { path: "spec.dataset.name", label: "Dataset", options: ["digits", "cifar10", "cifar100", "image_folder", "npz", "synthetic"], value: "digits" },
+    { path: "spec.dataset.name", label: "Dataset", choices: ["DatasetSpec", "name"], value: "digits" },
     { path: "spec.dataset.path", label: "Path under the data root", type: "text", value: "", hint: "file-based datasets only" },
     { path: "spec.dataset.image_size", label: "Image size", type: "number", value: "", hint: "blank: dataset default" },
   ] },
   { legend: "Optimizer", fields: [
-    { path: "spec.optimizer.name", label: "Optimizer", options: ["lars", "sgd", "adamw"], value: "lars" },
+    { path: "spec.optimizer.name", label: "Optimizer", choices: ["OptimizerSpec", "name"], value: "lars" },
     { path: "spec.optimizer.lr", label: "Learning rate", type: "number", step: "any", value: "0.3" },
     { path: "spec.optimizer.weight_decay", label: "Weight decay", type: "number", step: "any", value: "0.000001" },
   ] },
   { legend: "LDReg", toggle: "ldreg-on", fields: [
     { path: "spec.ldreg.alpha", label: "α", type: "number", step: "any", value: "", hint: "blank: the method's official α" },
     { path: "spec.ldreg.k", label: "k (neighbours)", type: "number", value: "64" },
-    { path: "spec.ldreg.estimator", label: "Estimator", options: ["mom", "mle"], value: "mom" },
-    { path: "spec.ldreg.target", label: "Target", options: ["features", "projections"], value: "features" },
+    { path: "spec.ldreg.estimator", label: "Estimator", choices: ["LDRegSpec", "estimator"], value: "mom" },
+    { path: "spec.ldreg.target", label: "Target", choices: ["LDRegSpec", "target"], value: "features" },
     { path: "spec.ldreg.warmup_epochs", label: "Warm-up epochs (term off)", type: "number", value: "10" },
   ] },
   { legend: "Evaluation", fields: [
     { path: "spec.eval.lid_k", label: "LID k (comma separated)", type: "text", value: "32, 512" },
   ] },
 ];
+
+// The choices of a select come from the API's schema (OpenAPI enums, derived from the
+// server's registry), never from a list kept here: [component, property].
+let schemasPromise = null;
+
+function specSchemas() {
+  schemasPromise ??= fetch("/openapi.json").then((r) => {
+    if (!r.ok) throw new Error(`openapi.json: HTTP ${r.status}`);
+    return r.json();
+  }).then((doc) => doc.components.schemas);
+  return schemasPromise;
+}
+
+async function fillChoices(form) {
+  const schemas = await specSchemas();
+  for (const group of SUBMIT_FIELDS) {
+    for (const f of group.fields) {
+      if (!f.choices) continue;
+      const [component, property] = f.choices;
+      const values = schemas[component]?.properties?.[property]?.enum || [f.value];
+      const select = form.querySelector(`#${fieldId(f.path)}`);
+      const current = select.value || f.value;
+      select.replaceChildren(...values.map((v) => h("option", { value: v, selected: v === current }, v)));
+    }
+  }
+}
 
 function fieldId(path) {
   return `f-${path.replace(/\./g, "-")}`;
@@ -862,8 +888,9 @@ function renderSubmit(view) {
       h("div", { class: "form-grid" }, group.fields.map((f) => {
         const id = fieldId(f.path);
         const describedBy = [`${id}-error`, f.hint ? `${id}-hint` : null].filter(Boolean).join(" ");
-        const control = f.options
-          ? h("select", { id, name: f.path, "data-field": f.path, "aria-describedby": describedBy }, f.options.map((o) => h("option", { value: o, selected: o === f.value }, o)))
+        // Until the schema's choices arrive (fillChoices), a select offers its default.
+        const control = f.choices
+          ? h("select", { id, name: f.path, "data-field": f.path, "aria-describedby": describedBy }, h("option", { value: f.value, selected: true }, f.value))
           : h("input", { id, name: f.path, "data-field": f.path, type: f.type, step: f.step, value: f.value, "aria-describedby": describedBy });
         return h("div", {},
           h("label", { for: id }, f.label, control),
@@ -897,6 +924,7 @@ function renderSubmit(view) {
     }
   });
   view.append(form);
+  fillChoices(form).catch((err) => notify(`Could not load the choices: ${err.message}`, true));
 }
 
 function setPath(obj, path, value) {

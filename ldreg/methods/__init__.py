@@ -1,4 +1,4 @@
-"""SSL methods, one per file; adding a method is one file plus one line in ``METHODS``.
+"""SSL methods, one per file, each listed once in ``ldreg.registry.METHODS``.
 
 Usage::
 
@@ -9,25 +9,27 @@ Usage::
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from torch import nn
 
+from ldreg import registry
 from ldreg.errors import UserError
-from ldreg.methods.barlow_twins import BarlowTwins
 from ldreg.methods.base import MethodOutput, SSLMethod
-from ldreg.methods.byol import BYOL
-from ldreg.methods.mae import MAE
-from ldreg.methods.moco_v3 import MoCoV3
-from ldreg.methods.simclr import SimCLR
-from ldreg.methods.vicreg import VICReg
 from ldreg.spec import PretrainSpec
 
+
+def _load(implementation: str) -> type[SSLMethod]:
+    module, _, name = implementation.partition(":")
+    cls = getattr(import_module(module), name)
+    if not issubclass(cls, SSLMethod):
+        raise TypeError(f"{implementation} is not an SSLMethod")
+    return cls
+
+
+# name → class, in the registry's order.
 METHODS: dict[str, type[SSLMethod]] = {
-    "simclr": SimCLR,
-    "byol": BYOL,
-    "moco_v3": MoCoV3,
-    "barlow_twins": BarlowTwins,
-    "vicreg": VICReg,
-    "mae": MAE,
+    name: _load(entry.implementation) for name, entry in registry.METHODS.items()
 }
 
 

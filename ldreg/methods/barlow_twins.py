@@ -79,16 +79,15 @@ class BarlowTwins(SSLMethod):
     """
 
     name = "barlow_twins"
-    augmentation = "byol"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
         opts = spec.method_options
         self.projector = mlp(
             feat_dim,
-            opts.proj_hidden_dim or 2048,
-            opts.proj_dim or 2048,
-            num_layers=3,
+            opts.proj_hidden_dim or self.heads.proj_hidden,
+            opts.proj_dim or self.heads.proj_dim,
+            num_layers=self.heads.proj_layers,
             bias=False,
         )
         lam = 0.0051 if opts.lambda_offdiag is None else opts.lambda_offdiag

@@ -19,11 +19,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ldreg import registry
+from ldreg.registry import AugmentationRecipe, Heads, LDRegReduction
 from ldreg.spec import PretrainSpec
 
 
@@ -53,18 +55,27 @@ class SSLMethod(nn.Module):
 
     Attributes:
         name: registry name (``simclr``, ``byol``, ...).
-        augmentation: the two-view pipeline it trains on (``make_ssl_loader`` ``kind``).
         backbone: the online encoder; the one evaluated and saved.
         feat_dim: width of ``backbone``'s features.
     """
 
     name: ClassVar[str]
-    augmentation: ClassVar[str] = "simclr"
-    # How the LDReg term combines the rows of the two views (docs/science.md, "LDReg's
-    # strength per method"): "mean" is α·mean over all rows, as the authors' SimCLR and
-    # MAE losses; "sum_views" is α·(mean over view 1 + mean over view 2), as their BYOL
-    # loss, which adds one term per view like its symmetrised SSL loss.
-    ldreg_reduction: ClassVar[Literal["mean", "sum_views"]] = "mean"
+
+    @property
+    def augmentation(self) -> AugmentationRecipe:
+        """The two-view recipe it trains on (its registry entry)."""
+        return registry.METHODS[self.name].augmentation
+
+    @property
+    def heads(self) -> Heads:
+        """Its default heads (its registry entry); ``method_options`` override them."""
+        return registry.METHODS[self.name].heads
+
+    @property
+    def ldreg_reduction(self) -> LDRegReduction:
+        """How the LDReg term combines the rows of the two views (its registry entry;
+        docs/science.md, "LDReg's strength per method")."""
+        return registry.METHODS[self.name].ldreg_reduction
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__()

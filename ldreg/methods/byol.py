@@ -54,15 +54,13 @@ class BYOL(SSLMethod):
     """
 
     name = "byol"
-    augmentation = "byol"
-    ldreg_reduction = "sum_views"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
         opts = spec.method_options
-        proj_dim = opts.proj_dim or 256
-        self.projector = mlp(feat_dim, opts.proj_hidden_dim or 4096, proj_dim)
-        self.predictor = mlp(proj_dim, opts.pred_hidden_dim or 4096, proj_dim)
+        proj_dim = opts.proj_dim or self.heads.proj_dim
+        self.projector = mlp(feat_dim, opts.proj_hidden_dim or self.heads.proj_hidden, proj_dim)
+        self.predictor = mlp(proj_dim, opts.pred_hidden_dim or self.heads.pred_hidden, proj_dim)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
         self.momentum_base = 0.99 if opts.momentum_base is None else opts.momentum_base

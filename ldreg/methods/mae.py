@@ -101,7 +101,6 @@ class MAE(SSLMethod):
     """
 
     name = "mae"
-    augmentation = "mae"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
@@ -117,7 +116,7 @@ class MAE(SSLMethod):
         opts = spec.method_options
         self.mask_ratio = 0.75 if opts.mask_ratio is None else opts.mask_ratio
         self.patch_size = backbone.patch_size
-        decoder_dim = opts.decoder_dim or 128
+        decoder_dim = opts.decoder_dim or self.heads.decoder_dim
         if decoder_dim % 4:
             raise UserError(
                 f"method_options.decoder_dim must be divisible by 4, found {decoder_dim}",
@@ -127,7 +126,7 @@ class MAE(SSLMethod):
         self.decoder = MAEDecoder(
             embed_dim=backbone.embed_dim,
             decoder_dim=decoder_dim,
-            depth=opts.decoder_depth or 2,
+            depth=opts.decoder_depth or self.heads.decoder_depth,
             num_heads=heads,
             grid_size=backbone.grid_size,
             patch_size=self.patch_size,

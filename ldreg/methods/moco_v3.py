@@ -75,20 +75,18 @@ class MoCoV3(SSLMethod):
     """
 
     name = "moco_v3"
-    augmentation = "byol"
-    ldreg_reduction = "sum_views"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
         opts = spec.method_options
         vit = spec.backbone.startswith("vit")
-        hidden = opts.proj_hidden_dim or 4096
-        proj_dim = opts.proj_dim or 256
+        hidden = opts.proj_hidden_dim or self.heads.proj_hidden
+        proj_dim = opts.proj_dim or self.heads.proj_dim
         self.projector = mlp(
             feat_dim,
             hidden,
             proj_dim,
-            num_layers=3 if vit else 2,
+            num_layers=self.heads.proj_layers + 1 if vit else self.heads.proj_layers,
             bias=False,
             last_bn=True,
             last_bn_affine=False,

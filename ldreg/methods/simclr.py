@@ -70,12 +70,15 @@ class SimCLR(SSLMethod):
     """
 
     name = "simclr"
-    augmentation = "simclr"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
         opts = spec.method_options
-        self.projector = mlp(feat_dim, opts.proj_hidden_dim or 2048, opts.proj_dim or 128)
+        self.projector = mlp(
+            feat_dim,
+            opts.proj_hidden_dim or self.heads.proj_hidden,
+            opts.proj_dim or self.heads.proj_dim,
+        )
         self.criterion = NTXentLoss(opts.temperature or 0.2)
 
     def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:

@@ -102,13 +102,15 @@ class VICReg(SSLMethod):
     """
 
     name = "vicreg"
-    augmentation = "byol"
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
         opts = spec.method_options
         self.projector = mlp(
-            feat_dim, opts.proj_hidden_dim or 2048, opts.proj_dim or 2048, num_layers=3
+            feat_dim,
+            opts.proj_hidden_dim or self.heads.proj_hidden,
+            opts.proj_dim or self.heads.proj_dim,
+            num_layers=self.heads.proj_layers,
         )
         self.criterion = VICRegLoss()
 

@@ -27,6 +27,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from ldreg import registry
+
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots land in a temporary folder unless LDREG_SCREENSHOT_DIR names one; to
 # refresh the committed ones: LDREG_SCREENSHOT_DIR=docs/screenshots pytest <this file>.
@@ -265,6 +267,21 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     # Submit form: the server's field error appears next to that field.
     d.get(f"{api_server}/#/submit")
     epochs = wait(d, lambda d: d.find_element(By.ID, "f-spec-epochs"), 10, "the submit form")
+    # The choices come from the API's schema, so from the registry, not from the page.
+    wait(
+        d,
+        lambda d: (
+            [
+                o.get_attribute("value")
+                for o in Select(d.find_element(By.ID, "f-spec-method")).options
+            ]
+            == list(registry.METHODS)
+        ),
+        10,
+        "the method choices from the API",
+    )
+    backbones = Select(d.find_element(By.ID, "f-spec-backbone")).options
+    assert [o.get_attribute("value") for o in backbones] == list(registry.BACKBONES)
     epochs.clear()
     epochs.send_keys("0")
     d.find_element(By.ID, "submit-job").click()
