@@ -90,6 +90,46 @@ class SSLMethod(nn.Module):
         """Called after every optimizer step; EMA methods move their target here."""
 
 
+class MomentumMethod(SSLMethod):
+    """An SSL method with an EMA target of its backbone and projector (BYOL, MoCo v3):
+    the target's plumbing written once, as solo-learn's ``BaseMomentumMethod``.
+
+    A subclass builds ``self.projector``, then calls :meth:`make_target`; in
+    ``forward`` it reads the target with :meth:`target_forward` and offers the target's
+    outputs to the LDReg reference set with :meth:`target_reference`, as the LDReg
+    authors' BYOL loss does.
+    """
+
+    target_backbone: nn.Module
+    target_projector: nn.Module
+    momentum_base: float
+
+    def make_target(self, spec: PretrainSpec) -> None:
+        """Frozen copies of backbone and projector; the EMA momentum starts at
+        ``method_options.momentum_base`` (0.99, solo-learn's CIFAR value; 0.996 on
+        ImageNet) and rises to 1 on a cosine."""
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+        base = spec.method_options.momentum_base
+        self.momentum_base = 0.99 if base is None else base
+
+    @torch.no_grad()
+    def target_forward(self, views: Tensor) -> tuple[Tensor, Tensor]:
+        """The target's (features, projections) of ``views``, without gradient."""
+        features = self.target_backbone(views)
+        return features, self.target_projector(features)
+
+    @staticmethod
+    def target_reference(features: Tensor, projections: Tensor) -> dict[str, Tensor]:
+        return {"features": features.detach(), "projections": projections.detach()}
+
+    @torch.no_grad()
+    def update_target(self, *, step: int, total_steps: int) -> None:
+        momentum = cosine_momentum(step, total_steps, self.momentum_base)
+        ema_update(self.target_backbone, self.backbone, momentum)
+        ema_update(self.target_projector, self.projector, momentum)
+
+
 def check_views(view1: Tensor, view2: Tensor) -> None:
     if view1.shape != view2.shape:
         raise ValueError(

@@ -14,11 +14,8 @@ from torch import Tensor, nn
 
 from ldreg.methods.base import (
     MethodOutput,
-    SSLMethod,
+    MomentumMethod,
     check_views,
-    cosine_momentum,
-    ema_update,
-    frozen_copy,
     mlp,
 )
 from ldreg.spec import PretrainSpec
@@ -42,7 +39,7 @@ class BYOLLoss(nn.Module):
         return byol_loss(p1, t2) + byol_loss(p2, t1)
 
 
-class BYOL(SSLMethod):
+class BYOL(MomentumMethod):
     """Online backbone → projector → predictor; EMA target backbone → projector.
 
     Defaults: projector and predictor 4096 → 256 (Grill et al. 2020, Sec. 3.3), target
@@ -61,9 +58,7 @@ class BYOL(SSLMethod):
         proj_dim = opts.proj_dim or self.heads.proj_dim
         self.projector = mlp(feat_dim, opts.proj_hidden_dim or self.heads.proj_hidden, proj_dim)
         self.predictor = mlp(proj_dim, opts.pred_hidden_dim or self.heads.pred_hidden, proj_dim)
-        self.target_backbone = frozen_copy(self.backbone)
-        self.target_projector = frozen_copy(self.projector)
-        self.momentum_base = 0.99 if opts.momentum_base is None else opts.momentum_base
+        self.make_target(spec)
         self.criterion = BYOLLoss()
 
     def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
@@ -73,9 +68,7 @@ class BYOL(SSLMethod):
         features = self.backbone(views)
         projections = self.projector(features)
         predictions = self.predictor(projections)
-        with torch.no_grad():
-            target_features = self.target_backbone(views)
-            target_projections = self.target_projector(target_features)
+        target_features, target_projections = self.target_forward(views)
         loss = self.criterion(
             predictions[:b], predictions[b:], target_projections[:b], target_projections[b:]
         )
@@ -83,14 +76,5 @@ class BYOL(SSLMethod):
             loss=loss,
             features=features,
             projections=projections,
-            extra_reference={
-                "features": target_features.detach(),
-                "projections": target_projections.detach(),
-            },
+            extra_reference=self.target_reference(target_features, target_projections),
         )
-
-    @torch.no_grad()
-    def update_target(self, *, step: int, total_steps: int) -> None:
-        momentum = cosine_momentum(step, total_steps, self.momentum_base)
-        ema_update(self.target_backbone, self.backbone, momentum)
-        ema_update(self.target_projector, self.projector, momentum)

@@ -15,11 +15,8 @@ from torch import Tensor, nn
 from ldreg import distributed
 from ldreg.methods.base import (
     MethodOutput,
-    SSLMethod,
+    MomentumMethod,
     check_views,
-    cosine_momentum,
-    ema_update,
-    frozen_copy,
     mlp,
 )
 from ldreg.spec import PretrainSpec
@@ -61,7 +58,7 @@ class MoCoV3Loss(nn.Module):
         return moco_v3_loss(q1, k2, **kw) + moco_v3_loss(q2, k1, **kw)
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumMethod):
     """Backbone → projector → predictor against a momentum backbone → projector.
 
     Heads as the authors' builder: projector 3 layers for ViT, 2 for ResNet, hidden
@@ -92,9 +89,7 @@ class MoCoV3(SSLMethod):
             last_bn_affine=False,
         )
         self.predictor = mlp(proj_dim, opts.pred_hidden_dim or hidden, proj_dim, bias=False)
-        self.momentum_backbone = frozen_copy(self.backbone)
-        self.momentum_projector = frozen_copy(self.projector)
-        self.momentum_base = 0.99 if opts.momentum_base is None else opts.momentum_base
+        self.make_target(spec)
         temperature = opts.temperature or (0.2 if vit else 1.0)
         self.criterion = MoCoV3Loss(temperature)
 
@@ -105,22 +100,11 @@ class MoCoV3(SSLMethod):
         features = self.backbone(views)
         projections = self.projector(features)
         queries = self.predictor(projections)
-        with torch.no_grad():
-            momentum_features = self.momentum_backbone(views)
-            keys = self.momentum_projector(momentum_features)
+        momentum_features, keys = self.target_forward(views)
         loss = self.criterion(queries[:b], queries[b:], keys[:b], keys[b:])
         return MethodOutput(
             loss=loss,
             features=features,
             projections=projections,
-            extra_reference={
-                "features": momentum_features.detach(),
-                "projections": keys.detach(),
-            },
+            extra_reference=self.target_reference(momentum_features, keys),
         )
-
-    @torch.no_grad()
-    def update_target(self, *, step: int, total_steps: int) -> None:
-        momentum = cosine_momentum(step, total_steps, self.momentum_base)
-        ema_update(self.momentum_backbone, self.backbone, momentum)
-        ema_update(self.momentum_projector, self.projector, momentum)
