@@ -410,6 +410,308 @@ def pretrain(
             torch.cuda.empty_cache()
 
 
+@dataclass
+class StepStatus:
+    """What one step's single collective carries, summed over ranks: the logged means,
+    the NaN flag and the stop flag, so every rank raises at the same step."""
+
+    loss: float
+    ssl_loss: float
+    ldreg_loss: float
+    non_finite: float
+    stop: float
+    ldreg_log_lid: float
+
+    @classmethod
+    def all_reduced(cls, out: StepOutput, loss: Tensor, stop: bool) -> StepStatus:
+        values = torch.stack(
+            [
+                loss.detach(),
+                out.ssl_loss.detach().float(),
+                out.ldreg_loss.detach().float(),
+                (~torch.isfinite(loss.detach())).float(),
+                torch.tensor(float(stop), device=loss.device),
+                out.ldreg_log_lid.detach().float(),
+            ]
+        )
+        return cls(*_all_reduce(values).tolist())
+
+
+class _RankRun:
+    """One rank's training run, step by step: build, resume, train each epoch
+    (steps, then evaluation, metrics and checkpoint on rank 0), save the backbone."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        spec: PretrainSpec,
+        run_dir: Path,
+        data_root: Path,
+        device_name: str,
+        sink: TrainingSink,
+    ) -> None:
+        self.rank, self.world_size, self.spec, self.run_dir = rank, world_size, spec, run_dir
+        self.sink = sink
+        self.main = _is_main(rank)
+        device = torch.device(device_name)
+        if device.type == "cuda":
+            if world_size > 1:
+                device = torch.device("cuda", rank)
+            # Fixed input shapes: let cuDNN pick the fastest convolution algorithms.
+            torch.backends.cudnn.benchmark = True
+        self.device = device
+
+        self.bundle = build_datasets(spec.dataset, data_root=data_root, seed=spec.seed)
+        model = build_train_module(
+            spec, image_size=self.bundle.image_size, num_classes=self.bundle.num_classes
+        )
+        if world_size > 1 and spec.sync_bn:
+            model = ddp.convert_sync_batchnorm(model, device.type)
+        self.model = model.to(device)
+        self.method = self.model.method
+
+        self.steps_per_epoch = len(self.loader(1))
+        self.total_steps = spec.epochs * self.steps_per_epoch
+        opt = spec.optimizer
+        self.base_lr = scaled_lr(opt, global_batch=spec.batch_size)
+        self.warmup_steps = min(opt.warmup_epochs * self.steps_per_epoch, self.total_steps)
+        self.optimizer = build_optimizer(
+            opt,
+            ((n, p) for n, p in self.model.named_parameters() if not n.startswith("probe.")),
+            lr=self.base_lr,
+        )
+        probe = self.model.probe
+        self.probe_optimizer = (
+            probe.make_optimizer(spec.eval.online_probe_lr) if probe is not None else None
+        )
+        self.amp_dtype = autocast_dtype(spec.precision, device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.clipped = [p for p in self.method.parameters() if p.requires_grad]
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.last_good: Path | None = None
+        self.train_model: nn.Module = self.model
+
+    def loader(self, epoch: int) -> Any:
+        spec = self.spec
+        return make_ssl_loader(
+            self.bundle.train,
+            kind=self.method.augmentation,
+            image_size=self.bundle.image_size,
+            mean=self.bundle.mean,
+            std=self.bundle.std,
+            batch_size=spec.batch_size // self.world_size,
+            seed=spec.seed,
+            epoch=epoch,
+            num_workers=spec.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            rank=self.rank,
+            world_size=self.world_size,
+            with_clean=self.model.probe is not None and spec.eval.online_probe_input == "clean",
+        )
+
+    def resume(self) -> tuple[int, dict[str, float] | None]:
+        """Load the newest valid checkpoint (chosen on rank 0, the same on every rank);
+        returns the first epoch to train and the summary it holds, if final."""
+        chosen = None
+        if self.main:
+            found = load_latest_checkpoint(self.ckpt_dir)
+            chosen = None if found is None else str(found[1])
+        chosen = _broadcast_object(chosen)
+        if chosen is None:
+            return 1, None
+        state = load_checkpoint(Path(chosen))
+        _check_resumable(state, self.spec, Path(chosen))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.probe_optimizer is not None:
+            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.last_good = Path(chosen)
+        return int(state["epoch"]) + 1, state.get("summary")
+
+    def run(self, resume: bool) -> dict[str, float]:
+        start_epoch, summary = self.resume() if resume else (1, None)
+        self.train_model = ddp.wrap_model(self.model, self.device)
+        if self.main:
+            self.sink.on_train_start(
+                start_epoch=start_epoch,
+                epochs=self.spec.epochs,
+                steps_per_epoch=self.steps_per_epoch,
+            )
+        metrics: dict[str, float] = {}
+        for epoch in range(start_epoch, self.spec.epochs + 1):
+            metrics = self.train_epoch(epoch)
+            if epoch == self.spec.epochs:
+                summary = metrics
+        if not self.main:
+            return {}
+        save_backbone(
+            self.run_dir / "backbone.pt",
+            self.method.backbone,
+            self.spec,
+            image_size=self.bundle.image_size,
+        )
+        return dict(summary or metrics)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        spec = self.spec
+        started = time.perf_counter()
+        seed_epoch(spec.seed, epoch, self.rank)
+        self.model.train()
+        ldreg_on = spec.ldreg is not None and epoch > spec.ldreg.warmup_epochs
+        sums: dict[str, float] = defaultdict(float)
+        count, log_lid_sum, lr = 0, 0.0, self.base_lr
+        for i, (view1, view2, labels, *clean) in enumerate(self.loader(epoch)):
+            step = (epoch - 1) * self.steps_per_epoch + i
+            lr = cosine_lr(
+                step,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                base_lr=self.base_lr,
+            )
+            step_metrics, probe_acc = self.train_step(
+                epoch, i, step, lr, (view1, view2, labels, clean[0] if clean else None), ldreg_on
+            )
+            if "ldreg_lid_gmean" in step_metrics:
+                log_lid_sum += math.log(step_metrics["ldreg_lid_gmean"])
+            for name, value in step_metrics.items():
+                sums[name] += value
+            if not math.isnan(probe_acc):
+                sums["train_probe_acc"] += probe_acc
+            count += 1
+            if self.main:
+                self.sink.on_step(epoch=epoch, step=step + 1, metrics=step_metrics)
+
+        metrics = {name: total / count for name, total in sums.items()}
+        metrics["lr"] = lr
+        if ldreg_on:
+            # The geometric mean over every training row of the epoch (equal-size steps).
+            metrics["ldreg_lid_gmean"] = math.exp(log_lid_sum / count)
+        final = epoch == spec.epochs
+        if self.main:
+            self.end_epoch(epoch, metrics, started, final=final)
+        stop = self.main and not final and bool(self.sink.should_stop())
+        if _broadcast_flag(stop, self.device):
+            raise TrainingCancelled(f"cancelled after epoch {epoch}")
+        return metrics
+
+    def train_step(
+        self,
+        epoch: int,
+        i: int,
+        step: int,
+        lr: float,
+        batch: tuple[Tensor, Tensor, Tensor, Tensor | None],
+        ldreg_on: bool,
+    ) -> tuple[dict[str, float], float]:
+        """One optimizer step; returns the step's logged metrics and the probe's
+        batch accuracy."""
+        set_lr(self.optimizer, lr)
+        device = self.device
+        view1, view2, labels, clean = (
+            None if t is None else t.to(device, non_blocking=True) for t in batch
+        )
+        amp = self.amp_dtype
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = self.train_model(view1, view2, labels, ldreg_on, clean)
+        loss = out.ssl_loss.float() + out.ldreg_loss.float()
+
+        stop = False
+        if self.main and i % STOP_POLL_STEPS == 0:
+            ddp.check_peers()
+            stop = bool(self.sink.should_stop())
+        status = StepStatus.all_reduced(out, loss, stop)
+        if status.non_finite > 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
+                f" (step {i + 1} of the epoch); last good checkpoint:"
+                f" {_describe(self.last_good)}. Lower the learning rate, enable"
+                " optimizer.grad_clip or use fp32 precision"
+            )
+        if status.stop > 0:
+            raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.probe_optimizer is not None:
+            self.probe_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss + out.probe_loss.float()).backward()
+        if self.spec.optimizer.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.spec.optimizer.grad_clip)
+        self.scaler.step(self.optimizer)
+        if self.probe_optimizer is not None:
+            self.scaler.step(self.probe_optimizer)
+        self.scaler.update()
+        self.method.update_target(step=step + 1, total_steps=self.total_steps)
+
+        w = self.world_size
+        step_metrics = {
+            "loss": status.loss / w,
+            "ssl_loss": status.ssl_loss / w,
+            "ldreg_loss": status.ldreg_loss / w,
+            "lr": lr,
+        }
+        if ldreg_on:
+            # Equal rows per rank: the mean of the ranks' mean ln LID is the batch's.
+            step_metrics["ldreg_lid_gmean"] = math.exp(status.ldreg_log_lid / w)
+        return step_metrics, out.probe_acc
+
+    def end_epoch(
+        self, epoch: int, metrics: dict[str, float], started: float, *, final: bool
+    ) -> None:
+        """Rank 0: evaluate, publish the epoch's metrics, then checkpoint (metrics
+        first, so after a crash every checkpointed epoch has its metrics)."""
+        spec = self.spec
+        if final or epoch % spec.eval.every_epochs == 0:
+            try:
+                metrics.update(
+                    evaluate(
+                        self.method.backbone,
+                        self.model.probe,
+                        self.bundle,
+                        spec,
+                        self.device,
+                        final=final,
+                    )
+                )
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(
+                    f"{e.message} at epoch {epoch}; last good checkpoint:"
+                    f" {_describe(self.last_good)}. Lower the learning rate or enable"
+                    " optimizer.grad_clip"
+                ) from e
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        global_step = epoch * self.steps_per_epoch
+        self.sink.on_epoch_end(epoch=epoch, step=global_step, metrics=metrics)
+        if final or epoch % spec.checkpoint_every == 0:
+            self.checkpoint(epoch, global_step, metrics, final=final)
+
+    def checkpoint(
+        self, epoch: int, global_step: int, metrics: dict[str, float], *, final: bool
+    ) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "global_step": global_step,
+            "spec": self.spec.model_dump_json(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "probe_optimizer": (
+                self.probe_optimizer.state_dict() if self.probe_optimizer is not None else None
+            ),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "metrics": metrics,
+            "summary": metrics if final else None,
+        }
+        self.last_good = save_checkpoint(state, self.ckpt_dir, epoch=epoch)
+        self.sink.on_checkpoint(epoch=epoch, path=self.last_good)
+
+
 def _train_rank(
     rank: int,
     world_size: int,
@@ -420,219 +722,8 @@ def _train_rank(
     resume: bool,
     sink: TrainingSink | None = None,
 ) -> dict[str, float]:
-    sink = sink if sink is not None else NullSink()
-    main = _is_main(rank)
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        if world_size > 1:
-            device = torch.device("cuda", rank)
-        # Fixed input shapes: let cuDNN pick the fastest convolution algorithms.
-        torch.backends.cudnn.benchmark = True
-
-    bundle = build_datasets(spec.dataset, data_root=data_root, seed=spec.seed)
-    model = build_train_module(spec, image_size=bundle.image_size, num_classes=bundle.num_classes)
-    if world_size > 1 and spec.sync_bn:
-        model = ddp.convert_sync_batchnorm(model, device.type)
-    model.to(device)
-    method = model.method
-
-    local_batch = spec.batch_size // world_size
-
-    def loader(epoch: int):
-        return make_ssl_loader(
-            bundle.train,
-            kind=method.augmentation,
-            image_size=bundle.image_size,
-            mean=bundle.mean,
-            std=bundle.std,
-            batch_size=local_batch,
-            seed=spec.seed,
-            epoch=epoch,
-            num_workers=spec.num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            rank=rank,
-            world_size=world_size,
-            with_clean=model.probe is not None and spec.eval.online_probe_input == "clean",
-        )
-
-    steps_per_epoch = len(loader(1))
-    total_steps = spec.epochs * steps_per_epoch
-    opt = spec.optimizer
-    base_lr = scaled_lr(opt, global_batch=spec.batch_size)
-    warmup_steps = min(opt.warmup_epochs * steps_per_epoch, total_steps)
-    optimizer = build_optimizer(
-        opt,
-        ((n, p) for n, p in model.named_parameters() if not n.startswith("probe.")),
-        lr=base_lr,
-    )
-    probe_optimizer = (
-        model.probe.make_optimizer(spec.eval.online_probe_lr) if model.probe is not None else None
-    )
-    amp_dtype = autocast_dtype(spec.precision, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    clipped = [p for p in method.parameters() if p.requires_grad]
-
-    ckpt_dir = run_dir / "checkpoints"
-    start_epoch, summary, last_good = 1, None, None
-    if resume:
-        chosen = None
-        if main:
-            found = load_latest_checkpoint(ckpt_dir)
-            chosen = None if found is None else str(found[1])
-        chosen = _broadcast_object(chosen)
-        if chosen is not None:
-            state = load_checkpoint(Path(chosen))
-            _check_resumable(state, spec, Path(chosen))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if probe_optimizer is not None:
-                probe_optimizer.load_state_dict(state["probe_optimizer"])
-            if scaler.is_enabled() and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            start_epoch = int(state["epoch"]) + 1
-            summary = state.get("summary")
-            last_good = Path(chosen)
-
-    train_model = ddp.wrap_model(model, device)
-    if main:
-        sink.on_train_start(
-            start_epoch=start_epoch, epochs=spec.epochs, steps_per_epoch=steps_per_epoch
-        )
-
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, spec.epochs + 1):
-        started = time.perf_counter()
-        seed_epoch(spec.seed, epoch, rank)
-        model.train()
-        ldreg_on = spec.ldreg is not None and epoch > spec.ldreg.warmup_epochs
-        sums: dict[str, float] = defaultdict(float)
-        count, log_lid_sum = 0, 0.0
-        lr = base_lr
-        for i, (view1, view2, labels, *clean) in enumerate(loader(epoch)):
-            step = (epoch - 1) * steps_per_epoch + i
-            lr = cosine_lr(
-                step, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr
-            )
-            set_lr(optimizer, lr)
-            view1 = view1.to(device, non_blocking=True)
-            view2 = view2.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            probe_input = clean[0].to(device, non_blocking=True) if clean else None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_model(view1, view2, labels, ldreg_on, probe_input)
-            loss = out.ssl_loss.float() + out.ldreg_loss.float()
-
-            stop = False
-            if main and i % STOP_POLL_STEPS == 0:
-                ddp.check_peers()
-                stop = bool(sink.should_stop())
-            # One collective per step carries the logged means, the NaN flag and the
-            # stop flag, so every rank raises at the same step.
-            status = _all_reduce(
-                torch.stack(
-                    [
-                        loss.detach(),
-                        out.ssl_loss.detach().float(),
-                        out.ldreg_loss.detach().float(),
-                        (~torch.isfinite(loss.detach())).float(),
-                        torch.tensor(float(stop), device=device),
-                        out.ldreg_log_lid.detach().float(),
-                    ]
-                )
-            ).tolist()
-            if status[3] > 0:
-                raise NonFiniteLossError(
-                    f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
-                    f" (step {i + 1} of the epoch); last good checkpoint:"
-                    f" {_describe(last_good)}. Lower the learning rate, enable"
-                    " optimizer.grad_clip or use fp32 precision"
-                )
-            if status[4] > 0:
-                raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
-
-            optimizer.zero_grad(set_to_none=True)
-            if probe_optimizer is not None:
-                probe_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss + out.probe_loss.float()).backward()
-            if opt.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(clipped, opt.grad_clip)
-            scaler.step(optimizer)
-            if probe_optimizer is not None:
-                scaler.step(probe_optimizer)
-            scaler.update()
-            method.update_target(step=step + 1, total_steps=total_steps)
-
-            w = world_size
-            step_metrics = {
-                "loss": status[0] / w,
-                "ssl_loss": status[1] / w,
-                "ldreg_loss": status[2] / w,
-                "lr": lr,
-            }
-            if ldreg_on:
-                # Equal rows per rank: the mean of the ranks' mean ln LID is the batch's.
-                log_lid_sum += status[5] / w
-                step_metrics["ldreg_lid_gmean"] = math.exp(status[5] / w)
-            for name, value in step_metrics.items():
-                sums[name] += value
-            if not math.isnan(out.probe_acc):
-                sums["train_probe_acc"] += out.probe_acc
-            count += 1
-            if main:
-                sink.on_step(epoch=epoch, step=step + 1, metrics=step_metrics)
-
-        global_step = epoch * steps_per_epoch
-        metrics = {name: total / count for name, total in sums.items()}
-        metrics["lr"] = lr
-        if ldreg_on:
-            # The geometric mean over every training row of the epoch (equal-size steps).
-            metrics["ldreg_lid_gmean"] = math.exp(log_lid_sum / count)
-        final = epoch == spec.epochs
-        if main:
-            if final or epoch % spec.eval.every_epochs == 0:
-                try:
-                    metrics.update(
-                        evaluate(method.backbone, model.probe, bundle, spec, device, final=final)
-                    )
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(
-                        f"{e.message} at epoch {epoch}; last good checkpoint:"
-                        f" {_describe(last_good)}. Lower the learning rate or enable"
-                        " optimizer.grad_clip"
-                    ) from e
-            metrics["epoch_seconds"] = time.perf_counter() - started
-            sink.on_epoch_end(epoch=epoch, step=global_step, metrics=metrics)
-            if final or epoch % spec.checkpoint_every == 0:
-                state = {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch,
-                    "global_step": global_step,
-                    "spec": spec.model_dump_json(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "probe_optimizer": (
-                        probe_optimizer.state_dict() if probe_optimizer is not None else None
-                    ),
-                    "scaler": scaler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state()},
-                    "metrics": metrics,
-                    "summary": metrics if final else None,
-                }
-                last_good = save_checkpoint(state, ckpt_dir, epoch=epoch)
-                sink.on_checkpoint(epoch=epoch, path=last_good)
-        stop = main and not final and bool(sink.should_stop())
-        if _broadcast_flag(stop, device):
-            raise TrainingCancelled(f"cancelled after epoch {epoch}")
-        if final:
-            summary = metrics
-
-    if not main:
-        return {}
-    save_backbone(run_dir / "backbone.pt", method.backbone, spec, image_size=bundle.image_size)
-    return dict(summary or metrics)
+    run = _RankRun(rank, world_size, spec, run_dir, data_root, device_name, sink or NullSink())
+    return run.run(resume)
 
 
 def _describe(checkpoint: Path | None) -> str:
