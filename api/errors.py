@@ -161,6 +161,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and not isinstance(exc, ApiError):
+        # FastAPI's own 400, for a JSON body that is not even text (not UTF-8): the
+        # same documented 422 as any other malformed JSON.
+        message = "request body is not valid JSON (not UTF-8 text)"
+        return error_response(
+            422, "invalid_input", message, details=[{"field": "", "message": message}]
+        )
     code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     return error_response(

@@ -150,7 +150,7 @@ def test_a_job_too_large_for_the_queue_is_refused_at_submit_with_estimate_and_li
 
 
 def test_malformed_json_is_the_documented_422_not_a_400(api: TestClient) -> None:
-    for body in (b"{bad json", b"\xff\xfe", b""):
+    for body in (b"{bad json", b"\xff\xfe", b"", b'{"kind": "\xc3("}', b"@\xc3,\xc3\x04N"):
         r = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422, (body, r.text)
         assert r.json()["error"]["code"] == "invalid_input"
