@@ -20,12 +20,14 @@ test: $(STAMP)
 	bash scripts/ensure-browser.sh
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
 
 # The inner loop: unit and in-process route tests, no service processes, no browser.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -m "not service and not slow"
 
 lint: $(STAMP)

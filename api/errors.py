@@ -171,7 +171,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     return error_response(
-        exc.status_code, code, message, getattr(exc, "field", None), headers=exc.headers
+        exc.status_code,
+        code,
+        message,
+        getattr(exc, "field", None),
+        headers=dict(exc.headers) if exc.headers else None,
     )
 
 

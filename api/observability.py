@@ -306,5 +306,5 @@ def install_observability(app: FastAPI) -> None:
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
         # Text format 0.0.4 unless the scraper asks for OpenMetrics.
-        encode, content_type = choose_encoder(request.headers.get("accept"))
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(registry), headers={"Content-Type": content_type})

@@ -402,7 +402,8 @@ class ThreadedReads(Reads):
 
     def _run(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
         with self._engine.connect() as conn:
-            return conn.execute(self._statements[name], params).mappings().first()
+            row = conn.execute(self._statements[name], params).mappings().first()
+            return None if row is None else dict(row)
 
     async def _first(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
         from anyio import to_thread

@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,11 +23,15 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 console = Console()
 
@@ -106,7 +111,7 @@ class ConsoleSink:
             console=console,
             transient=True,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self.epochs = 0
         self.rows: list[tuple[int, dict[str, float]]] = []
         self.stop_requested = False
@@ -127,7 +132,10 @@ class ConsoleSink:
         )
 
     def on_step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=step, epoch=epoch, loss=_fmt(metrics.get("loss")))
+        if self.task is not None:
+            self.progress.update(
+                self.task, completed=step, epoch=epoch, loss=_fmt(metrics.get("loss"))
+            )
 
     def on_epoch_end(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.rows.append((epoch, dict(metrics)))
@@ -267,7 +275,7 @@ def lid(
     from ldreg.lid import geometric_mean, lid_mle, lid_mom, lid_tle
     from ldreg.rank import effective_rank
 
-    functions = {"mle": lid_mle, "mom": lid_mom, "tle": lid_tle}
+    functions: dict[str, Callable[..., Tensor]] = {"mle": lid_mle, "mom": lid_mom, "tle": lid_tle}
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     table = Table(title=f"LID of {embeddings.name}: {n} points, {array.shape[1]} dims")
     table.add_column("estimator")

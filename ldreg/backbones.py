@@ -62,7 +62,7 @@ class ResNetBackbone(ResNet):
 
         if small_stem:
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+            self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -172,6 +172,8 @@ class VisionTransformer(nn.Module):
         num_patches: ``L = (image_size / patch_size)²``.
         grid_size: patches per side.
     """
+
+    pos_embed: Tensor  # a buffer: fixed sin-cos embeddings
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -148,7 +148,10 @@ def resolve_data_path(data_root: Path, relative: str | Path) -> Path:
     return resolved
 
 
-def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+Triple = tuple[float, float, float]
+
+
+def _channel_stats(images: Tensor) -> tuple[Triple, Triple]:
     """Per-channel mean and std of uint8 images scaled to [0, 1], in float64 chunks."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
@@ -159,7 +162,8 @@ def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
+    m, s = mean.tolist(), std.tolist()
+    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
 
 
 def _resize_square(images: Tensor, size: int) -> Tensor:
@@ -563,7 +567,7 @@ def _build_image_folder(spec: DatasetSpec, path: Path, seed: int) -> DatasetBund
     return DatasetBundle(
         train=train,
         val=val,
-        num_classes=len(train.classes),  # type: ignore[attr-defined]
+        num_classes=len(train.classes),
         image_size=size,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -674,23 +678,23 @@ def view_augmentations(kind: str, image_size: int) -> tuple[ViewAugmentation, Vi
     blur = image_size >= 64
     kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
-    common = {
-        "image_size": image_size,
-        "crop_scale": crop_scale,
-        "jitter_p": 0.8,
-        "gray_p": 0.2,
-        "blur_kernel": kernel,
-        "blur_sigma": sigma,
-    }
+    common = ViewAugmentation(
+        image_size=image_size,
+        crop_scale=crop_scale,
+        jitter_p=0.8,
+        gray_p=0.2,
+        blur_kernel=kernel,
+        blur_sigma=sigma,
+    )
     if recipe == "simclr":
         strength = simclr_jitter_strength(image_size)
         jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
-        view = ViewAugmentation(jitter=jitter, blur_p=0.5 if blur else 0.0, **common)
+        view = replace(common, jitter=jitter, blur_p=0.5 if blur else 0.0)
         return view, view
     jitter = (0.4, 0.4, 0.2, 0.1)
     return (
-        ViewAugmentation(jitter=jitter, blur_p=1.0 if blur else 0.0, **common),
-        ViewAugmentation(jitter=jitter, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common),
+        replace(common, jitter=jitter, blur_p=1.0 if blur else 0.0),
+        replace(common, jitter=jitter, blur_p=0.1 if blur else 0.0, solarize_p=0.2),
     )
 
 

@@ -234,13 +234,13 @@ class _AllReduceSum(torch.autograd.Function):
     on every rank's input through the sum, so each input receives all ranks' gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -271,16 +271,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean.square()).clamp_min(0.0)
-        if self.track_running_stats and self.running_mean is not None:
+        tracked, running_mean, running_var = (
+            self.num_batches_tracked,
+            self.running_mean,
+            self.running_var,
+        )
+        if self.track_running_stats and tracked is not None:
+            assert running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (
-                    1.0 / self.num_batches_tracked.item()
-                    if self.momentum is None
-                    else self.momentum
-                )
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1.0), m)
+                tracked.add_(1)
+                m = 1.0 / tracked.item() if self.momentum is None else self.momentum
+                running_mean.lerp_(mean.detach(), m)
+                running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1.0), m)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:

@@ -30,11 +30,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
 ReferenceMode = Literal["full", "sample", "approximate"]
+Estimator = Literal["mle", "mom", "tle"]  # as ldreg.lid.Estimator (imported lazily there)
 
 # A point raises the local-collapse alarm when ln LID_i < ln gmean - FISHER_RAO_THRESHOLD,
 # i.e. LID_i < gmean / e. Why one Fisher-Rao unit (c = e): the Fisher-Rao distance between
@@ -328,7 +329,7 @@ def compare_reports(
         out[key] = {
             "gmean_a": ga,
             "gmean_b": gb,
-            "fisher_rao": fisher_rao_distance(ga, gb),
+            "fisher_rao": float(fisher_rao_distance(ga, gb)),
             "log_ratio": math.log(gb / ga),
             "wasserstein_log_lid": log_lid_wasserstein(a.lids[key], b.lids[key]),
         }
@@ -551,7 +552,7 @@ def diagnose_embeddings(
             if est == "tle":
                 values = lid_tle_from_knn(kd, indices[:, : k_used[kk]], ref)
             else:
-                values = lid_from_distances(kd, est)
+                values = lid_from_distances(kd, cast(Estimator, est))
             lids[(est, kk)][rows] = values.cpu().numpy()
 
     t0 = time.perf_counter()

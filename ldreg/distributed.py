@@ -91,13 +91,13 @@ def gather_no_grad(x: Tensor) -> Tensor:
 
 class _GatherWithAllGradients(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         gathered, offset = all_gather_rows(x.detach(), keep_local_grad=False)
         ctx.rows = (offset, offset + x.shape[0])
         return gathered
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start, end = ctx.rows

@@ -94,7 +94,7 @@ def knn_accuracy(
         votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
         votes.scatter_add_(1, train_y[top_idx], weights)
         pred = votes.argmax(dim=1)
-        correct += (pred.cpu() == test_y[start : start + chunk_size].long().cpu()).sum().item()
+        correct += int((pred.cpu() == test_y[start : start + chunk_size].long().cpu()).sum())
     return correct / test_n.shape[0]
 
 

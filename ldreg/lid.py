@@ -69,7 +69,7 @@ import itertools
 import math
 import operator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, SupportsIndex
 
 import torch
 from torch import Tensor
@@ -138,13 +138,13 @@ def _as_points(x: object, name: str) -> Tensor:
     return x
 
 
-def _check_k(k: object, minimum: int = 2) -> int:
-    if isinstance(k, bool):
-        raise LIDInputError(f"k must be an integer, found {k!r}")
+def _check_k(value: object, minimum: int = 2) -> int:
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        raise LIDInputError(f"k must be an integer, found {value!r}")
     try:
-        k = operator.index(k)
+        k = operator.index(value)
     except TypeError as exc:
-        raise LIDInputError(f"k must be an integer, found {k!r}") from exc
+        raise LIDInputError(f"k must be an integer, found {value!r}") from exc
     if k < minimum:
         raise LIDInputError(f"k must be at least {minimum}, found k={k}")
     return k
@@ -311,14 +311,14 @@ def _search(
     out_i = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
     step = 65536
     for start in range(0, n_queries, step):
-        candidates = best_i[start : start + step]
-        exact = _pair_distances(queries[start : start + step], ref, candidates, block_bytes)
+        chosen = best_i[start : start + step]
+        exact = _pair_distances(queries[start : start + step], ref, chosen, block_bytes)
         if self_offset is not None:
-            own = self_offset + torch.arange(start, start + len(candidates), device=ref.device)
-            exact = exact.masked_fill(candidates == own.unsqueeze(1), math.inf)
+            own = self_offset + torch.arange(start, start + len(chosen), device=ref.device)
+            exact = exact.masked_fill(chosen == own.unsqueeze(1), math.inf)
         exact, order = exact.sort(dim=1)
         out_d[start : start + step] = exact[:, :k]
-        out_i[start : start + step] = candidates.gather(1, order[:, :k])
+        out_i[start : start + step] = chosen.gather(1, order[:, :k])
     return out_d, out_i
 
 

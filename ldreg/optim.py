@@ -40,7 +40,8 @@ def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
 ) -> list[dict]:
     """Split trainable parameters into a decayed/adapted group and an excluded group."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named_params:
         if not p.requires_grad:
             continue

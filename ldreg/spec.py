@@ -289,14 +289,19 @@ class ReferenceSpec(_Spec):
         return self
 
 
+Estimator = Literal["mle", "mom", "tle"]
+
+
+def _default_estimators() -> list[Estimator]:
+    return ["mle", "mom"]
+
+
 class DiagnoseSpec(_Spec):
     source: UploadSource | JobSource
     k: list[Annotated[int, Field(ge=2, le=4096)]] = Field(
         default_factory=lambda: [32, 64, 512], max_length=16
     )
-    estimators: list[Literal["mle", "mom", "tle"]] = Field(
-        default_factory=lambda: ["mle", "mom"], max_length=3
-    )
+    estimators: list[Estimator] = Field(default_factory=_default_estimators, max_length=3)
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     collapse_threshold: Annotated[float, Field(gt=0.0, le=10.0)] = Field(

@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -297,19 +297,24 @@ def evaluate(
     nine L-BFGS fits per evaluation would cost more than the epoch on small data.
     ``knn_acc`` is the first ``knn_k``.
     """
-    cap = spec.eval.max_samples
-    kwargs = {"mean": bundle.mean, "std": bundle.std, "batch_size": EVAL_BATCH_SIZE}
-    val_f, val_y = extract_features(
-        backbone, make_eval_loader(bundle.val, max_samples=cap, **kwargs), device
-    )
+
+    def features_of(dataset: Any) -> tuple[Tensor, Tensor]:
+        loader = make_eval_loader(
+            dataset,
+            mean=bundle.mean,
+            std=bundle.std,
+            batch_size=EVAL_BATCH_SIZE,
+            max_samples=spec.eval.max_samples,
+        )
+        return extract_features(backbone, loader, device)
+
+    val_f, val_y = features_of(bundle.val)
     if not bool(torch.isfinite(val_f).all()):
         raise NonFiniteLossError("the backbone's features became NaN or inf (evaluation)")
     metrics = representation_metrics(val_f, lid_k=spec.eval.lid_k)
     if probe is None:
         return metrics
-    train_f, train_y = extract_features(
-        backbone, make_eval_loader(bundle.train, max_samples=cap, **kwargs), device
-    )
+    train_f, train_y = features_of(bundle.train)
     nc = bundle.num_classes
     for i, k in enumerate(spec.eval.knn_k):
         acc = knn_accuracy(train_f, train_y, val_f, val_y, k=k, num_classes=nc)
@@ -467,7 +472,8 @@ class _RankRun:
             spec, image_size=self.bundle.image_size, num_classes=self.bundle.num_classes
         )
         if world_size > 1 and spec.sync_bn:
-            model = ddp.convert_sync_batchnorm(model, device.type)
+            # The same TrainModule, its BatchNorms swapped in place.
+            model = cast(TrainModule, ddp.convert_sync_batchnorm(model, device.type))
         self.model = model.to(device)
         self.method = self.model.method
 

@@ -68,7 +68,7 @@ def _image_size(spec: PretrainSpec) -> int:
     return spec.dataset.image_size or registry.DATASETS[spec.dataset.name].native_size or 32
 
 
-def _backbone(spec: PretrainSpec) -> tuple[float, int, float]:
+def _backbone(spec: PretrainSpec) -> tuple[float, float, float]:
     """(parameters, feature width, activation bytes per image)."""
     size = _image_size(spec)
     entry = registry.BACKBONES[spec.backbone]
@@ -78,12 +78,12 @@ def _backbone(spec: PretrainSpec) -> tuple[float, int, float]:
         tokens = (size // patch) ** 2 + 1
         heads = dim // 64
         # Per block: ~34 activations of (tokens × dim) and the attention maps.
-        per_image = depth * (34 * tokens * dim + 2 * heads * tokens * tokens) * FLOAT
+        per_image: float = depth * (34 * tokens * dim + 2 * heads * tokens * tokens) * FLOAT
         return params, dim, per_image
-    width = spec.width or 64
+    width: float = spec.width or 64
     scale = (width / 64) ** 2
     small_stem = spec.small_stem if spec.small_stem is not None else size <= 64
-    first_map = size if small_stem else size / 4
+    first_map: float = size if small_stem else size / 4
     per_image = _RESNET_ACTIVATION[entry.bottleneck] * (first_map / 56) ** 2 * (width / 64)
     return (
         entry.parameters * scale,
@@ -92,7 +92,7 @@ def _backbone(spec: PretrainSpec) -> tuple[float, int, float]:
     )
 
 
-def _head_params(spec: PretrainSpec, feat_dim: int) -> tuple[float, bool]:
+def _head_params(spec: PretrainSpec, feat_dim: float) -> tuple[float, bool]:
     """The heads' parameters (the method's registry defaults, or its options) and
     whether it keeps a momentum copy."""
     heads = registry.METHODS[spec.method].heads

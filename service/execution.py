@@ -25,10 +25,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, and_, delete, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from service.models import Artifact, Job, JobEvent, JobState, Metric, UTCDateTime, new_id, utcnow
@@ -420,7 +421,7 @@ def hand_back(*, session: Session, job_id: str) -> bool:
         .values(enqueued_at=PUBLISH_ASAP)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return cast(CursorResult[Any], result).rowcount == 1
 
 
 def sweep(

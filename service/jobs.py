@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -202,7 +203,7 @@ def create_job(
         .select_from(Job)
         .where(Job.team_id == team.id, Job.state.in_([s.value for s in ACTIVE_STATES]))
     )
-    if active >= settings.max_active_jobs_per_team:
+    if (active or 0) >= settings.max_active_jobs_per_team:
         session.rollback()
         raise LimitExceeded(
             f"your team has {active} queued or running jobs, the limit is"
@@ -310,7 +311,7 @@ def list_jobs(
     *,
     session: Session,
     team: Team,
-    states: list[str] | None = None,
+    states: Sequence[str] | None = None,
     kind: str | None = None,
     cursor: str | None = None,
     limit: int = 50,

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("var"), description="root of the embedded default's state")
     database_url: str = ""
     broker_url: str = ""
-    data_root: Path | None = None
-    artifact_root: Path | None = None
+    # Unset: under ``home`` (filled in by the validator below).
+    data_root: Path = Path()
+    artifact_root: Path = Path()
 
     # Limits per team (over a limit: 429 for counts, 413/422 for sizes).
     max_active_jobs_per_team: int = Field(default=8, ge=1)
@@ -63,9 +64,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{home / 'ldreg.sqlite'}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
-        if self.data_root is None:
+        if "data_root" not in self.model_fields_set:
             self.data_root = home / "data"
-        if self.artifact_root is None:
+        if "artifact_root" not in self.model_fields_set:
             self.artifact_root = home / "artifacts"
         self.data_root = self.data_root.resolve()
         self.artifact_root = self.artifact_root.resolve()

@@ -74,7 +74,7 @@ def test_pretrain_reports_each_invalid_field_with_its_reason(tmp_path):
     out = run("pretrain", str(spec), cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.startswith("ldreg: error: invalid spec")
-    assert "  method: Input should be 'simclr'" in out.stderr
+    assert "  method: unknown method 'simclr2'; expected one of simclr" in out.stderr
     assert "  ldreg.alpha: Input should be greater than or equal to 0" in out.stderr
     assert "  epochs: Input should be greater than or equal to 1" in out.stderr
     assert "Traceback" not in out.stderr

@@ -43,8 +43,9 @@ class PromptRespawn(bootsteps.StartStopStep):
     def start(self, worker: object) -> None:
         hub = getattr(worker, "hub", None)
         pool = getattr(getattr(worker, "pool", None), "_pool", None)
-        if hub is not None and hasattr(pool, "maintain_pool"):
-            hub.call_repeatedly(RESPAWN_CHECK_SECONDS, pool.maintain_pool)
+        maintain = getattr(pool, "maintain_pool", None)
+        if hub is not None and maintain is not None:
+            hub.call_repeatedly(RESPAWN_CHECK_SECONDS, maintain)
 
 
 app.steps["worker"].add(PromptRespawn)

@@ -136,7 +136,7 @@ def run_diagnose(
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
     lids_path = run_dir / LIDS_ARTIFACT
-    _atomic_write(lids_path, lambda f: np.savez(f, **arrays))
+    _atomic_write(lids_path, lambda f: np.savez(f, allow_pickle=False, **arrays))
     hist_path = run_dir / HISTOGRAM_ARTIFACT
     hist = json.dumps(report.histogram_data(), allow_nan=False, default=_none_for_nan)
     _atomic_write(hist_path, lambda f: f.write(hist.encode()))

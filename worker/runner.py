@@ -134,9 +134,9 @@ def _run_job(
     with session_scope(url) as s:
         attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
         job = s.get(Job, job_id) if attempt is not None else None
-        kind, spec_data = (job.kind, dict(job.spec)) if job is not None else (None, None)
-        queue = job.queue if job is not None else settings.default_queue
-    if attempt is None:
+        if job is not None:
+            kind, spec_data, queue = job.kind, dict(job.spec), job.queue
+    if attempt is None or job is None:
         log.info(
             "job %s not claimable (a duplicate message, or already running, finished or"
             " cancelled): nothing to do",
@@ -211,9 +211,11 @@ def _execute(
 
 def _user_error(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return "invalid_spec", f"spec.{where}: {first.get('msg', str(exc))}"
+        errors = exc.errors()
+        if not errors:
+            return "invalid_spec", f"spec: {exc}"
+        where = ".".join(str(p) for p in errors[0]["loc"])
+        return "invalid_spec", f"spec.{where}: {errors[0]['msg']}"
     return exc.code, exc.message  # type: ignore[attr-defined]
 
 
@@ -306,7 +308,8 @@ def _after_requeue(lease: Any, state: JobState | None) -> str:
         return "lost"
     if state is JobState.QUEUED:
         with session_scope(lease.settings.database_url) as s:
-            queue = s.get(Job, lease.job_id).queue
+            job = s.get(Job, lease.job_id)
+            queue = job.queue if job is not None else lease.settings.default_queue
         try:
             enqueue_job(lease.settings, lease.job_id, queue)
         except Exception:
@@ -360,7 +363,7 @@ def _artifact_files(run_dir: Path) -> Iterator[ArtifactFile]:
             continue
         digest = hashlib.sha256()
         with path.open("rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            while chunk := f.read(1 << 20):
                 digest.update(chunk)
         yield ArtifactFile(
             name=rel.as_posix(),

@@ -100,6 +100,7 @@ class MomentumMethod(SSLMethod):
     authors' BYOL loss does.
     """
 
+    projector: nn.Module
     target_backbone: nn.Module
     target_projector: nn.Module
     momentum_base: float

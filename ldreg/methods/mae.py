@@ -8,11 +8,13 @@ Usage::
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ldreg.backbones import patchify, sincos_pos_embed_2d
+from ldreg.backbones import VisionTransformer, patchify, sincos_pos_embed_2d
 from ldreg.errors import UserError
 from ldreg.methods.base import MethodOutput, SSLMethod, check_views
 from ldreg.spec import PretrainSpec
@@ -48,6 +50,8 @@ class MAEDecoder(nn.Module):
     add fixed sin-cos positions, pre-norm blocks, LayerNorm, linear to p·p·3) but
     narrower and shallower by default, since inputs here are small images.
     """
+
+    pos_embed: Tensor  # a buffer: fixed sin-cos embeddings
 
     def __init__(
         self,
@@ -104,7 +108,7 @@ class MAE(SSLMethod):
 
     def __init__(self, spec: PretrainSpec, backbone: nn.Module, feat_dim: int) -> None:
         super().__init__(spec, backbone, feat_dim)
-        if not hasattr(backbone, "forward_masked"):
+        if not isinstance(backbone, VisionTransformer):
             raise UserError(
                 "method 'mae' needs a ViT backbone with a masked forward", code="invalid_spec"
             )
@@ -132,10 +136,15 @@ class MAE(SSLMethod):
             patch_size=self.patch_size,
         )
 
+    @property
+    def vit(self) -> VisionTransformer:
+        """The backbone, typed (``__init__`` checked it is a ViT)."""
+        return cast(VisionTransformer, self.backbone)
+
     def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
         check_views(view1, view2)
         images = torch.cat([view1, view2])
-        cls, tokens, mask, ids_restore = self.backbone.forward_masked(images, self.mask_ratio)
+        cls, tokens, mask, ids_restore = self.vit.forward_masked(images, self.mask_ratio)
         pred = self.decoder(tokens, ids_restore)
         loss = mae_loss(images, pred, mask, patch_size=self.patch_size)
         return MethodOutput(loss=loss, features=cls, projections=None)

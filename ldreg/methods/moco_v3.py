@@ -54,8 +54,10 @@ class MoCoV3Loss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
-        kw = {"temperature": self.temperature, "gather": self.gather_distributed}
-        return moco_v3_loss(q1, k2, **kw) + moco_v3_loss(q2, k1, **kw)
+        t, gather = self.temperature, self.gather_distributed
+        return moco_v3_loss(q1, k2, temperature=t, gather=gather) + moco_v3_loss(
+            q2, k1, temperature=t, gather=gather
+        )
 
 
 class MoCoV3(MomentumMethod):
