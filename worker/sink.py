@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from service.db import session_scope
 from service.execution import MetricRow, heartbeat, record_metrics
 from service.settings import Settings
@@ -170,17 +172,39 @@ class DatabaseSink:
         return self.lease.must_stop()
 
     def _write(self, rows: list[MetricRow], *, progress_epoch: int) -> None:
-        if self.lease.lost.is_set():
+        """Write the rows, fenced by the attempt; retried while the database is away.
+
+        The write is an upsert fenced by the attempt, so repeating it is harmless. A
+        database restart or failover shorter than the lease therefore costs the job
+        nothing, instead of an attempt and a restart from its last checkpoint. Once the
+        lease has expired, the sweeper may already have given the job to another
+        attempt: the error goes up and the runner hands the job back.
+        """
+        delay = 0.25
+        while not self.lease.lost.is_set():
+            try:
+                with session_scope(self.lease.settings.database_url) as s:
+                    owned = record_metrics(
+                        session=s,
+                        job_id=self.lease.job_id,
+                        attempt=self.lease.attempt,
+                        rows=rows,
+                        progress_epoch=progress_epoch,
+                        progress_epochs=self.epochs or None,
+                    )
+                break
+            except (OperationalError, InterfaceError) as exc:
+                if self.lease.expired():
+                    raise
+                log.warning(
+                    "job %s: database unavailable (%s); retrying the metrics write",
+                    self.lease.job_id,
+                    type(exc.orig or exc).__name__,
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+        else:
             return
-        with session_scope(self.lease.settings.database_url) as s:
-            owned = record_metrics(
-                session=s,
-                job_id=self.lease.job_id,
-                attempt=self.lease.attempt,
-                rows=rows,
-                progress_epoch=progress_epoch,
-                progress_epochs=self.epochs or None,
-            )
         if not owned:
             log.warning("job %s: metrics refused, the attempt lost its lease", self.lease.job_id)
             self.lease.lost.set()
