@@ -13,7 +13,7 @@ failed. What it covers, because the CPU suite cannot:
 * a run checkpointed on the GPU resumes on the CPU (and its backbone loads there);
 * exact k-NN / LID on CUDA equal the CPU's, the LDReg term's gradient too, and
   ``diagnose_embeddings(device="cuda")`` matches the CPU report;
-* the NCCL path of ``ldreg.ddp.launch`` (one rank: all the GPUs a one-GPU machine has);
+* the NCCL path of ``ldreg.launch.launch`` (one rank: all the GPUs a one-GPU machine has);
 * speed ratios GPU / CPU for exact k-NN and for training steps (the numbers reported in
   benchmarks/README.md).
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldreg import ddp
+from ldreg import launch
 from ldreg.checkpoint import list_checkpoints
 from ldreg.diagnose import diagnose_embeddings
 from ldreg.lid import knn, lid_mle, lid_mom
@@ -251,7 +251,7 @@ def _nccl_rank(rank: int, world_size: int) -> float:
 
 @check("nccl_launch_one_rank")
 def nccl_launch_one_rank():
-    total = ddp.launch(_nccl_rank, 1, device_type="cuda")
+    total = launch.launch(_nccl_rank, 1, device_type="cuda")
     assert total == 4.0, total
     return {"all_reduce_sum": total}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import admin, client, local
+from cli import admin, local, remote
 from cli import service as service_cmds
 
 app = typer.Typer(
@@ -35,16 +35,16 @@ app.command("pretrain")(local.pretrain)
 app.command("lid")(local.lid)
 
 # The HTTP client (LDREG_URL, LDREG_API_KEY).
-app.command("submit")(client.submit)
-app.command("jobs")(client.jobs)
-app.command("status")(client.status)
-app.command("watch")(client.watch)
-app.command("metrics")(client.metrics)
-app.command("cancel")(client.cancel)
-app.command("retry")(client.retry)
-app.command("download")(client.download)
-app.command("diagnose")(client.diagnose)
-app.command("compare")(client.compare)
+app.command("submit")(remote.submit)
+app.command("jobs")(remote.jobs)
+app.command("status")(remote.status)
+app.command("watch")(remote.watch)
+app.command("metrics")(remote.metrics)
+app.command("cancel")(remote.cancel)
+app.command("retry")(remote.retry)
+app.command("download")(remote.download)
+app.command("diagnose")(remote.diagnose)
+app.command("compare")(remote.compare)
 
 
 def main() -> None:

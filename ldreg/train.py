@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ldreg import ddp
+from ldreg import launch
 from ldreg.backbones import build_backbone
 from ldreg.checkpoint import (
     atomic_torch_save,
@@ -400,7 +400,7 @@ def pretrain(
     try:
         if spec.devices > 1:
             device_type = torch.device(device).type
-            return ddp.launch(
+            return launch.launch(
                 _train_rank,
                 spec.devices,
                 device_type=device_type,
@@ -473,7 +473,7 @@ class _RankRun:
         )
         if world_size > 1 and spec.sync_bn:
             # The same TrainModule, its BatchNorms swapped in place.
-            model = cast(TrainModule, ddp.convert_sync_batchnorm(model, device.type))
+            model = cast(TrainModule, launch.convert_sync_batchnorm(model, device.type))
         self.model = model.to(device)
         self.method = self.model.method
 
@@ -541,7 +541,7 @@ class _RankRun:
 
     def run(self, resume: bool) -> dict[str, float]:
         start_epoch, summary = self.resume() if resume else (1, None)
-        self.train_model = ddp.wrap_model(self.model, self.device)
+        self.train_model = launch.wrap_model(self.model, self.device)
         if self.main:
             self.sink.on_train_start(
                 start_epoch=start_epoch,
@@ -628,7 +628,7 @@ class _RankRun:
 
         stop = False
         if self.main and i % STOP_POLL_STEPS == 0:
-            ddp.check_peers()
+            launch.check_peers()
             stop = bool(self.sink.should_stop())
         status = StepStatus.all_reduced(out, loss, stop)
         if status.non_finite > 0:

@@ -387,7 +387,7 @@ def requeue_for_retry(
     return state
 
 
-def release_job(
+def return_running_job(
     *, session: Session, job_id: str, attempt: int, reason: str, now: datetime | None = None
 ) -> JobState | None:
     """Hand a running job back because this worker is shutting down (SIGTERM), not
@@ -412,7 +412,7 @@ def release_job(
     return JobState.QUEUED
 
 
-def hand_back(*, session: Session, job_id: str) -> bool:
+def return_unstarted_job(*, session: Session, job_id: str) -> bool:
     """A message this worker accepted but will not run (it is shutting down): leave
     the job queued and have the next sweep publish it again. True if it was queued."""
     result = session.execute(

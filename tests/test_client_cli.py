@@ -87,7 +87,7 @@ def test_every_client_command_is_registered() -> None:
 
 
 def test_neither_the_client_nor_its_commands_import_torch() -> None:
-    code = "import sys, client, cli.client, cli.main; print('torch' in sys.modules)"
+    code = "import sys, client, cli.remote, cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldreg import ddp
+from ldreg import launch
 from ldreg.spec import PretrainSpec
 from ldreg.train import build_train_module
 
@@ -49,8 +49,8 @@ def first_step(rank: int, world_size: int, methods: list[str]) -> dict[str, dict
         spec = _spec(method)
         model = build_train_module(spec, image_size=IMAGE_SIZE, num_classes=4)
         if world_size > 1:
-            model = ddp.convert_sync_batchnorm(model, "cpu")
-        wrapped = ddp.wrap_model(model, torch.device("cpu"))
+            model = launch.convert_sync_batchnorm(model, "cpu")
+        wrapped = launch.wrap_model(model, torch.device("cpu"))
         out = wrapped(view1[shard], view2[shard], labels[shard], True)
         (out.ssl_loss + out.ldreg_loss + out.probe_loss).backward()
         losses = torch.stack([out.ssl_loss.detach(), out.ldreg_loss.detach()])
@@ -73,7 +73,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch():
     the single-process gradient of the same 16 samples."""
     methods = ["simclr", "byol", "moco_v3", "barlow_twins", "vicreg"]
     single = first_step(0, 1, methods)
-    double = ddp.launch(first_step, 2, device_type="cpu", args=(methods,))
+    double = launch.launch(first_step, 2, device_type="cpu", args=(methods,))
     for method in methods:
         one, two = single[method], double[method]
         torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)

@@ -22,11 +22,11 @@ from service.execution import (
     add_artifact,
     claim_job,
     finish_job,
-    hand_back,
     heartbeat,
     record_metrics,
-    release_job,
     requeue_for_retry,
+    return_running_job,
+    return_unstarted_job,
     sweep,
 )
 from service.models import Artifact, Job, JobEvent, JobState, Metric, Team, utcnow
@@ -356,7 +356,9 @@ def test_release_on_shutdown_keeps_the_attempt_budget_and_next_sweep_publishes(d
     job_id = new_job(db, max_attempts=3)
     a = claim(db, job_id)
     with session_scope(db) as s:
-        state = release_job(session=s, job_id=job_id, attempt=a, reason="worker shutting down")
+        state = return_running_job(
+            session=s, job_id=job_id, attempt=a, reason="worker shutting down"
+        )
     assert state == "queued"
     job = get_job(db, job_id)
     assert (job.state, job.max_attempts) == ("queued", 4)
@@ -366,7 +368,7 @@ def test_release_on_shutdown_keeps_the_attempt_budget_and_next_sweep_publishes(d
     # A stale attempt cannot release what it no longer owns.
     assert claim(db, job_id) == 2
     with session_scope(db) as s:
-        assert release_job(session=s, job_id=job_id, attempt=a, reason="late") is None
+        assert return_running_job(session=s, job_id=job_id, attempt=a, reason="late") is None
 
 
 def test_hand_back_only_touches_queued_jobs(db: str) -> None:
@@ -374,8 +376,8 @@ def test_hand_back_only_touches_queued_jobs(db: str) -> None:
     running = new_job(db)
     claim(db, running)
     with session_scope(db) as s:
-        assert hand_back(session=s, job_id=queued) is True
-        assert hand_back(session=s, job_id=running) is False
+        assert return_unstarted_job(session=s, job_id=queued) is True
+        assert return_unstarted_job(session=s, job_id=running) is False
     with session_scope(db) as s:
         r = sweep(session=s, stale_after=timedelta(seconds=30), requeue_after=timedelta(hours=1))
     published = [jid for jid, _ in r.republish]

@@ -35,6 +35,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ from service.execution import (
     ArtifactFile,
     claim_job,
     finish_job,
-    hand_back,
-    release_job,
     requeue_for_retry,
+    return_running_job,
+    return_unstarted_job,
     sync_artifacts,
 )
 from service.logging import bind_job, configure_logging
@@ -70,6 +71,19 @@ MEDIA_TYPES = {
 }
 
 
+class RunOutcome(StrEnum):
+    """What :func:`run_job` did with a job, for logs and tests: a final or queued
+    state it left the job in, or why it left the job alone."""
+
+    SKIPPED = "skipped"  # not claimable: a duplicate message, or finished elsewhere
+    HANDED_BACK = "handed_back"  # accepted while shutting down; left queued
+    LOST = "lost"  # another attempt owns the job now; this one wrote nothing more
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    QUEUED = "queued"  # handed back or re-queued to resume from its checkpoint
+
+
 class JobNotImplemented(UserError):
     """A job kind this worker cannot run yet."""
 
@@ -80,15 +94,16 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# Set by worker.celery_app in each forked child, before it preloads the training code:
-# whether torch was already in the process when it was forked. None outside Celery.
+# Set by worker.celery_app in each forked child, before it takes a job: whether torch
+# was already in the process when it was forked. None outside Celery.
 TORCH_BEFORE_FORK: bool | None = None
 
 
 def assert_fresh_process() -> None:
     """CUDA must never be initialised in a process that forks. The worker's parent
-    never imports torch, and every job runs in a fresh child (which may preload torch
-    while idle); if torch was already loaded *at the fork*, the parent imported it."""
+    never imports torch, and every job runs in a fresh child, which imports the
+    training code inside the task; if torch was already loaded *at the fork*, the
+    parent imported it."""
     if TORCH_BEFORE_FORK:
         raise RuntimeError(
             "torch was imported before this worker process was forked; the worker's"
@@ -106,10 +121,8 @@ def run_job(
     *,
     worker_name: str | None = None,
     worker_shutting_down: Callable[[], bool] = lambda: False,
-) -> str:
-    """Run ``job_id`` if it is ours to run; returns what happened (for logs and tests):
-    ``skipped``, ``handed_back``, ``succeeded``, ``failed``, ``cancelled``, ``queued``
-    or ``lost``."""
+) -> RunOutcome:
+    """Run ``job_id`` if it is ours to run; returns what happened (:class:`RunOutcome`)."""
     with _sigterm_sets(SHUTDOWN):
         return _run_job(job_id, settings, worker_name, worker_shutting_down)
 
@@ -119,7 +132,7 @@ def _run_job(
     settings: Settings,
     worker_name: str | None,
     worker_shutting_down: Callable[[], bool],
-) -> str:
+) -> RunOutcome:
     from worker.sink import DatabaseSink, HeartbeatThread, Lease
 
     configure_logging("worker")  # JSON lines from the job's process (one per job)
@@ -128,9 +141,9 @@ def _run_job(
     if worker_shutting_down() or SHUTDOWN.is_set():
         # Accepted while the worker shuts down: do not start it here.
         with session_scope(url) as s:
-            hand_back(session=s, job_id=job_id)
+            return_unstarted_job(session=s, job_id=job_id)
         log.info("job %s: worker shutting down; left queued for another worker", job_id)
-        return "handed_back"
+        return RunOutcome.HANDED_BACK
     with session_scope(url) as s:
         attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
         job = s.get(Job, job_id) if attempt is not None else None
@@ -142,7 +155,7 @@ def _run_job(
             " cancelled): nothing to do",
             job_id,
         )
-        return "skipped"
+        return RunOutcome.SKIPPED
     bind_job(job_id=job_id, attempt=attempt)  # on every log line of this attempt
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
 
@@ -159,9 +172,14 @@ def _run_job(
     run_dir = settings.job_dir(job_id)
     memory_limit_gb = settings.queue_memory_gb.get(queue)
     try:
-        with _job_log(run_dir, attempt):
-            limit_memory(memory_limit_gb)
-            summary = _execute(kind, spec_data, settings, run_dir, sink)
+        try:
+            with _job_log(run_dir, attempt):
+                limit_memory(memory_limit_gb)
+                summary = _execute(kind, spec_data, settings, run_dir, sink)
+        finally:
+            # Before the outcome is written: a heartbeat still running would see this
+            # attempt's own re-queue and log it as a lost lease.
+            beat.stop()
     except TrainingCancelled as exc:
         return _stopped(lease, run_dir, str(exc))
     except (UserError, ValidationError) as exc:
@@ -174,10 +192,8 @@ def _run_job(
         message = _out_of_memory_message(exc, memory_limit_gb, queue)
         log.info("job %s failed: out_of_memory: %s", job_id, message)
         return _finish(lease, run_dir, JobState.FAILED, error=("out_of_memory", message))
-    finally:
-        beat.stop()
     if lease.lost.is_set():
-        return "lost"
+        return RunOutcome.LOST
     return _finish(lease, run_dir, JobState.SUCCEEDED, summary=_json_safe(summary))
 
 
@@ -219,13 +235,13 @@ def _user_error(exc: Exception) -> tuple[str, str]:
     return exc.code, exc.message  # type: ignore[attr-defined]
 
 
-def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
+def _stopped(lease: Any, run_dir: Path, detail: str) -> RunOutcome:
     """Training stopped at our request; finish according to why."""
     if lease.lost.is_set():
         log.warning(
             "job %s attempt %d: lost the lease, wrote nothing more", lease.job_id, lease.attempt
         )
-        return "lost"
+        return RunOutcome.LOST
     if lease.cancel_requested.is_set():
         return _finish(
             lease, run_dir, JobState.CANCELLED, reason=f"cancelled by request ({detail})"
@@ -233,7 +249,7 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
     url = lease.settings.database_url
     if lease.shutting_down():
         with session_scope(url) as s:
-            state = release_job(
+            state = return_running_job(
                 session=s,
                 job_id=lease.job_id,
                 attempt=lease.attempt,
@@ -241,7 +257,7 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
             )
         # Not published from here (this worker may still be consuming); the next
         # sweep of any live worker publishes it.
-        return "lost" if state is None else state.value
+        return RunOutcome.LOST if state is None else RunOutcome(state.value)
     # The lease expired: the database was unreachable for too long. If it is back, hand
     # the job back now; if not, the sweeper will once the heartbeat is found stale.
     try:
@@ -255,7 +271,7 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> str:
             )
     except Exception:
         log.warning("job %s: cannot reach the database; the sweeper will recover it", lease.job_id)
-        return "lost"
+        return RunOutcome.LOST
     return _after_requeue(lease, state)
 
 
@@ -286,12 +302,12 @@ def _out_of_memory_message(exc: BaseException, limit_gb: float | None, queue: st
     )
 
 
-def _infrastructure_failure(lease: Any, exc: BaseException) -> str:
+def _infrastructure_failure(lease: Any, exc: BaseException) -> RunOutcome:
     code = "worker_error"
     cause = f"unexpected error: {type(exc).__name__}: {exc}"
     log.exception("job %s attempt %d: %s", lease.job_id, lease.attempt, cause)
     if lease.lost.is_set():
-        return "lost"
+        return RunOutcome.LOST
     try:
         with session_scope(lease.settings.database_url) as s:
             state = requeue_for_retry(
@@ -299,13 +315,13 @@ def _infrastructure_failure(lease: Any, exc: BaseException) -> str:
             )
     except Exception:
         log.exception("job %s: could not record the failure; the sweeper will", lease.job_id)
-        return "lost"
+        return RunOutcome.LOST
     return _after_requeue(lease, state)
 
 
-def _after_requeue(lease: Any, state: JobState | None) -> str:
+def _after_requeue(lease: Any, state: JobState | None) -> RunOutcome:
     if state is None:
-        return "lost"
+        return RunOutcome.LOST
     if state is JobState.QUEUED:
         with session_scope(lease.settings.database_url) as s:
             job = s.get(Job, lease.job_id)
@@ -314,7 +330,7 @@ def _after_requeue(lease: Any, state: JobState | None) -> str:
             enqueue_job(lease.settings, lease.job_id, queue)
         except Exception:
             log.warning("job %s: re-publish failed; the sweeper will re-send it", lease.job_id)
-    return state.value
+    return RunOutcome(state.value)
 
 
 def _finish(
@@ -325,7 +341,7 @@ def _finish(
     summary: dict[str, Any] | None = None,
     error: tuple[str, str] | None = None,
     reason: str | None = None,
-) -> str:
+) -> RunOutcome:
     files = list(_artifact_files(run_dir))
     with session_scope(lease.settings.database_url) as s:
         # Artifacts and the final state in one transaction: a finished job always
@@ -345,9 +361,9 @@ def _finish(
             s.rollback()
     if not owned:
         log.warning("job %s attempt %d: not ours any more at finish", lease.job_id, lease.attempt)
-        return "lost"
+        return RunOutcome.LOST
     log.info("job %s attempt %d: %s", lease.job_id, lease.attempt, state.value)
-    return state.value
+    return RunOutcome(state.value)
 
 
 def _artifact_files(run_dir: Path) -> Iterator[ArtifactFile]:
