@@ -45,6 +45,8 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -578,6 +580,70 @@ def claim_redis_index(preferred: int = 14) -> tuple[int, str, str]:
     raise RuntimeError("no free Redis database index")
 
 
+@dataclass
+class Scratch:
+    """What :func:`scratch_services` made: a database URL, a broker URL, a work folder
+    (logs are kept there), the environment for service processes, and a team's key."""
+
+    url: str
+    broker: str
+    work: Path
+    env: dict[str, str]
+    key: str
+
+
+@contextlib.contextmanager
+def scratch_services(prefix: str, **extra_env: str) -> Iterator[Scratch]:
+    """A fresh PostgreSQL database (migrated, one team), a Redis index of its own and a
+    work folder, for one benchmark run; the database dropped and the index released at
+    the end, and every process started through :class:`Proc` stopped."""
+    db_name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    url = f"postgresql+psycopg://{PG_SERVER}/{db_name}"
+    index, marker_key, token = claim_redis_index()
+    broker = f"{REDIS_SERVER}/{index}"
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}_"))
+    (work / "home" / "data").mkdir(parents=True)
+    env = dict(os.environ)
+    env.update(
+        LDREG_DATABASE_URL=url,
+        LDREG_BROKER_URL=broker,
+        LDREG_HOME=str(work / "home"),
+        PYTHONUNBUFFERED="1",
+        **extra_env,
+    )
+    print(
+        f"database {db_name}, redis index {index}, work dir {work};"
+        f" {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db_name}"')
+    try:
+        redis.Redis.from_url(broker).flushdb()
+        from service.auth import create_team
+        from service.db import engine_for, migrate, session_scope
+
+        migrate(url)
+        with session_scope(url) as s:
+            _, key = create_team(session=s, name=f"{prefix}-{uuid.uuid4().hex[:6]}")
+        engine_for(url).dispose()
+        yield Scratch(url=url, broker=broker, work=work, env=env, key=key)
+    finally:
+        Proc.stop_all()
+        with contextlib.suppress(Exception):
+            from service.db import engine_for
+
+            engine_for(url).dispose()
+        with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        with contextlib.suppress(Exception):
+            redis.Redis.from_url(broker).flushdb()
+            marker = redis.Redis.from_url(f"{REDIS_SERVER}/0")
+            if marker.get(marker_key) == token.encode():
+                marker.delete(marker_key)
+        print(f"logs kept in {work}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 3 jobs")
@@ -596,40 +662,15 @@ def main() -> None:
     args.jobs = args.jobs or (3 if args.quick else 10)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
-    db_name = f"ldreg_bench_{uuid.uuid4().hex[:10]}"
-    url = f"postgresql+psycopg://{PG_SERVER}/{db_name}"
-    index, marker_key, token = claim_redis_index()
-    broker = f"{REDIS_SERVER}/{index}"
-    work = Path(tempfile.mkdtemp(prefix="ldreg_bench_"))
-    (work / "home" / "data").mkdir(parents=True)
-    env = dict(os.environ)
-    env.update(
-        LDREG_DATABASE_URL=url,
-        LDREG_BROKER_URL=broker,
-        LDREG_HOME=str(work / "home"),
-        PYTHONUNBUFFERED="1",
-    )
-    # This process uses the same settings (the metrics part reads none, but be safe).
-    os.environ.update({k: env[k] for k in ("LDREG_DATABASE_URL", "LDREG_BROKER_URL", "LDREG_HOME")})
-    print(
-        f"database {db_name}, redis index {index}, work dir {work};"
-        f" {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
     http_results: list[dict] = []
     submit: dict | None = None
     metrics: dict | None = None
-    try:
-        redis.Redis.from_url(broker).flushdb()
-        from service.auth import create_team
-        from service.db import migrate, session_scope
-
-        migrate(url)
-        with session_scope(url) as s:
-            _, key = create_team(session=s, name=f"bench-{uuid.uuid4().hex[:6]}")
-
+    with scratch_services("ldreg_bench") as scratch:
+        url, env, work, key = scratch.url, scratch.env, scratch.work, scratch.key
+        # This process uses the same settings (the metrics part reads none, but be safe).
+        os.environ.update(
+            {k: env[k] for k in ("LDREG_DATABASE_URL", "LDREG_BROKER_URL", "LDREG_HOME")}
+        )
         # One queued job (no worker yet) for the GETs; the metrics part then claims it.
         port = free_port()
         api = Proc(
@@ -646,7 +687,7 @@ def main() -> None:
         r.raise_for_status()
         job_id = r.json()["id"]
         api.stop()
-        redis.Redis.from_url(broker).flushdb()  # its message: no worker may take it later
+        redis.Redis.from_url(scratch.broker).flushdb()  # its message: no worker may take it
 
         if "http" not in skip:
             print(f"1. HTTP, {args.clients} clients, {args.seconds:.0f} s each", flush=True)
@@ -657,20 +698,6 @@ def main() -> None:
         if "submit" not in skip:
             print(f"2. submit-to-running, {args.jobs} jobs", flush=True)
             submit = bench_submit(env, work, key, args)
-    finally:
-        Proc.stop_all()
-        with contextlib.suppress(Exception):
-            from service.db import engine_for
-
-            engine_for(url).dispose()
-        with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        with contextlib.suppress(Exception):
-            redis.Redis.from_url(broker).flushdb()
-            marker = redis.Redis.from_url(f"{REDIS_SERVER}/0")
-            if marker.get(marker_key) == token.encode():
-                marker.delete(marker_key)
-        print(f"logs kept in {work}", flush=True)
 
     report(http_results, submit, metrics, args)
 

@@ -104,31 +104,25 @@ def _server_problems(log_path, limit: int = 40) -> list[str]:
 
 def main() -> int:
     import argparse
-    import contextlib
     import resource
     import subprocess
     import sys
-    import tempfile
     import time
-    import uuid
     from pathlib import Path
 
     import httpx
-    import psycopg
     import redis
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_service import (
         LDREG,
-        PG_SERVER,
         PYTHON,
-        REDIS_SERVER,
         REPO,
         TINY_SPEC,
         Proc,
-        claim_redis_index,
         cpu_seconds,
         free_port,
+        scratch_services,
         table,
         wait_http_ok,
         wait_warmed_up,
@@ -146,28 +140,6 @@ def main() -> int:
     args = p.parse_args()
     args.wait_min = min(args.wait_min, args.wait_max)
 
-    db_name = f"ldreg_load_{uuid.uuid4().hex[:10]}"
-    url = f"postgresql+psycopg://{PG_SERVER}/{db_name}"
-    index, marker_key, token = claim_redis_index()
-    broker = f"{REDIS_SERVER}/{index}"
-    work = Path(tempfile.mkdtemp(prefix="ldreg_load_"))
-    (work / "home" / "data").mkdir(parents=True)
-    env = dict(os.environ)
-    env.update(
-        LDREG_DATABASE_URL=url,
-        LDREG_BROKER_URL=broker,
-        LDREG_HOME=str(work / "home"),
-        # The seeded jobs are all queued at once (no worker runs).
-        LDREG_MAX_ACTIVE_JOBS_PER_TEAM=str(max(8, args.jobs)),
-        PYTHONUNBUFFERED="1",
-    )
-    print(
-        f"database {db_name}, redis index {index}, work dir {work};"
-        f" {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
     locust_rc = None
     stats: list[dict] = []
     failures: list[dict] = []
@@ -175,16 +147,11 @@ def main() -> int:
     problems: list[str] = []
     notes: list[str] = []
     server_cpu = locust_cpu = wall = 0.0
-    try:
-        redis.Redis.from_url(broker).flushdb()
-        from service.auth import create_team
-        from service.db import engine_for, migrate, session_scope
-
-        migrate(url)
-        with session_scope(url) as s:
-            _, key = create_team(session=s, name=f"load-{uuid.uuid4().hex[:6]}")
-        engine_for(url).dispose()
-
+    # The seeded jobs are all queued at once (no worker runs).
+    with scratch_services(
+        "ldreg_load", LDREG_MAX_ACTIVE_JOBS_PER_TEAM=str(max(8, args.jobs))
+    ) as scratch:
+        env, work, key = scratch.env, scratch.work, scratch.key
         port = free_port()
         api_args = [LDREG, "api", "--host", "127.0.0.1", "--port", str(port)]
         if args.no_access_log:
@@ -203,7 +170,7 @@ def main() -> int:
                 )
                 r.raise_for_status()
                 job_ids.append(r.json()["id"])
-        redis.Redis.from_url(broker).flushdb()  # their messages: nobody will take them
+        redis.Redis.from_url(scratch.broker).flushdb()  # their messages: nobody takes them
         print(f"API on {base}, {len(job_ids)} queued jobs; starting locust", flush=True)
 
         csv_prefix = work / "locust"
@@ -268,20 +235,6 @@ def main() -> int:
                 notes.append(f"locust: {line.strip()}")
         api.stop()
         problems = _server_problems(work / "api.log")
-    finally:
-        Proc.stop_all()
-        with contextlib.suppress(Exception):
-            from service.db import engine_for
-
-            engine_for(url).dispose()
-        with psycopg.connect(f"postgresql://{PG_SERVER}/test", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        with contextlib.suppress(Exception):
-            redis.Redis.from_url(broker).flushdb()
-            marker = redis.Redis.from_url(f"{REDIS_SERVER}/0")
-            if marker.get(marker_key) == token.encode():
-                marker.delete(marker_key)
-        print(f"logs kept in {work}", flush=True)
 
     print()
     wait = (
