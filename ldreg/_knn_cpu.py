@@ -1,4 +1,4 @@
-"""Numba kernel behind ``ldreg.lid.knn`` on the CPU: folding a block of scores into
+"""Numba kernel behind ``ldreg.knn.knn`` on the CPU: folding a block of scores into
 per-query candidate lists kept as max-heaps.
 
 A separate module so that Numba can cache the compiled kernel on disk (functions

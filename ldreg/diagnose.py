@@ -479,7 +479,7 @@ def diagnose_embeddings(
         progress: called with the fraction of points whose neighbours are done, in
             [0, 1], non-decreasing, last call 1.0.
 
-    Cost: one exact k-NN pass at max(k) in chunks (``ldreg.lid.knn``: memory bounded
+    Cost: one exact k-NN pass at max(k) in chunks (``ldreg.knn.knn``: memory bounded
     independently of N); the per-point LIDs of every (estimator, k) are computed from
     each chunk's distances before the chunk is dropped, so memory beyond ``x`` is
     O(N · #estimators · #k) for the results. The global metrics (``ldreg.rank``) each

@@ -89,7 +89,7 @@ def test_symmetric_search_over_blocks_equals_the_general_search():
 @pytest.mark.parametrize("transposed", [False, True])
 def test_candidate_merge_keeps_the_smallest_scores_per_query(kernel, transposed):
     from ldreg._knn_cpu import merge_block
-    from ldreg.lid import _merge_candidates
+    from ldreg.knn import _merge_candidates
 
     g = torch.Generator().manual_seed(12)
     width, n_queries = 7, 40
