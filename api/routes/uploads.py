@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from api import multipart
 from api.deps import CurrentTeam, SessionDep, SettingsDep
 from api.schemas import ErrorOut, UploadOut
-from service import uploads
 
 router = APIRouter(
     prefix="/uploads",
@@ -56,7 +56,7 @@ async def create_upload(
     request: Request, session: SessionDep, settings: SettingsDep, team: CurrentTeam
 ) -> UploadOut:
     """Upload embeddings (multipart form, field ``file``) for a diagnose job."""
-    upload = await uploads.save_upload(
+    upload = await multipart.save_upload(
         session=session,
         settings=settings,
         team=team,
