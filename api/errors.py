@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from api.reads import DatabaseUnavailable
+from ldreg.spec import error_message
 from service.errors import (
     Conflict,
     InvalidInput,
@@ -122,7 +123,7 @@ def validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
         field = _field_path(tuple(err.get("loc", ())))
         if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             field = "kind"
-        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = error_message(err)
         if err.get("type") == "json_invalid":
             # The location is a character offset, not a field.
             field, message = "", f"request body is not valid JSON ({message})"

@@ -12,10 +12,7 @@ from contextlib import contextmanager
 
 import typer
 
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=1)
+from cli.common import fail
 
 
 @contextmanager
@@ -30,12 +27,12 @@ def _session() -> Iterator:
         with session_scope(get_settings().database_url) as session:
             yield session
     except ServiceError as exc:
-        raise _fail(exc.message) from None
+        fail(exc.message)
     except (OperationalError, ProgrammingError) as exc:
-        raise _fail(
+        fail(
             f"database not reachable or not migrated ({type(exc.orig).__name__});"
             " check LDREG_DATABASE_URL and run `ldreg admin migrate`"
-        ) from None
+        )
 
 
 def migrate() -> None:
@@ -70,7 +67,7 @@ def create_key(team: str = typer.Argument(..., help="team name or id")) -> None:
     with _session() as session:
         found = auth.find_team(session=session, name_or_id=team)
         if found is None:
-            raise _fail(f"no team {team!r}")
+            fail(f"no team {team!r}")
         key = auth.create_key(session=session, team=found)
         typer.echo(f"new API key for team {found.name!r} (prefix {key[: auth.PREFIX_LENGTH]}):")
         typer.echo(key)

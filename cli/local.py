@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from cli.common import fail, read_mapping
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -51,11 +53,6 @@ EPOCH_COLUMNS = (
 )
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    print(f"ldreg: error: {message}", file=sys.stderr)
-    raise typer.Exit(code=code)
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -68,28 +65,18 @@ def _fmt(value: Any) -> str:
 
 def load_spec_file(path: Path):
     """Parse a YAML/JSON pretrain spec; pydantic errors become ``field: reason`` lines."""
-    import yaml
     from pydantic import ValidationError
 
-    from ldreg.spec import PretrainSpec
+    from ldreg.spec import PretrainSpec, field_errors
 
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        _fail(f"spec file not found: {path}")
-    except (OSError, yaml.YAMLError) as e:
-        _fail(f"cannot read spec {path}: {e}")
-    if not isinstance(raw, dict):
-        _fail(f"spec {path} must be a mapping of fields, found {type(raw).__name__}")
+    raw = read_mapping(path)
     try:
         return PretrainSpec.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(spec)"
-            reason = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {field}: {reason}")
-        _fail(f"invalid spec {path}:\n" + "\n".join(lines))
+        lines = [f"  {field}: {reason}" for field, reason in field_errors(e)]
+        # Several lines: one per field (``fail`` would join them into one).
+        print(f"ldreg: error: invalid spec {path}:\n" + "\n".join(lines), file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 class ConsoleSink:
@@ -184,12 +171,14 @@ def pretrain(
     if devices is not None:
         from pydantic import ValidationError
 
+        from ldreg.spec import field_errors
+
         try:
             spec = type(spec).model_validate({**spec.model_dump(), "devices": devices})
         except ValidationError as e:
-            _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+            fail("; ".join(reason for _, reason in field_errors(e)), 2)
     if device is not None and device not in ("cpu", "cuda"):
-        _fail(f"--device must be 'cpu' or 'cuda', found '{device}'")
+        fail(f"--device must be 'cpu' or 'cuda', found '{device}'", 2)
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{spec_file.stem}-{stamp}"
@@ -214,13 +203,13 @@ def pretrain(
         summary = run_pretrain(spec, run_dir=run_dir, data_root=data_root, sink=sink, device=device)
     except TrainingCancelled as e:
         sink.close()
-        _fail(f"{e.message}; resume with --run-dir {run_dir}", code=130)
+        fail(f"{e.message}; resume with --run-dir {run_dir}", code=130)
     except UserError as e:
         sink.close()
-        _fail(f"{e.message} [{e.code}]")
+        fail(f"{e.message} [{e.code}]", 2)
     except LDRegError as e:
         sink.close()
-        _fail(f"{e.message} [{e.code}]", code=1)
+        fail(f"{e.message} [{e.code}]", code=1)
     finally:
         signal.signal(signal.SIGINT, previous)
     sink.close()
@@ -245,27 +234,27 @@ def lid(
     try:
         array = np.load(embeddings, allow_pickle=False)
     except FileNotFoundError:
-        _fail(f"file not found: {embeddings}")
+        fail(f"file not found: {embeddings}", 2)
     except (OSError, ValueError) as e:
-        _fail(f"{embeddings} is not a readable .npy array (object arrays are refused): {e}")
+        fail(f"{embeddings} is not a readable .npy array (object arrays are refused): {e}", 2)
     if not isinstance(array, np.ndarray) or array.ndim != 2:
         shape = getattr(array, "shape", None)
-        _fail(f"embeddings must be a 2-D array (N, D), found shape {shape}")
+        fail(f"embeddings must be a 2-D array (N, D), found shape {shape}", 2)
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        _fail(f"embeddings must be real numbers, found dtype {array.dtype}")
+        fail(f"embeddings must be real numbers, found dtype {array.dtype}", 2)
     n = array.shape[0]
     if n < 3:
-        _fail(f"need at least 3 points, found {n}")
+        fail(f"need at least 3 points, found {n}", 2)
     if not np.isfinite(array).all():
-        _fail(f"embeddings contain {int((~np.isfinite(array)).sum())} NaN/inf values")
+        fail(f"embeddings contain {int((~np.isfinite(array)).sum())} NaN/inf values", 2)
     estimators = estimator or ["mle", "mom"]
     for name in estimators:
         if name not in ("mle", "mom", "tle"):
-            _fail(f"--estimator must be mle, mom or tle, found '{name}'")
+            fail(f"--estimator must be mle, mom or tle, found '{name}'", 2)
     if k:
         for value in k:
             if not 2 <= value < n:
-                _fail(f"--k {value} must be between 2 and {n - 1} (N - 1 for N={n} points)")
+                fail(f"--k {value} must be between 2 and {n - 1} (N - 1 for N={n} points)", 2)
         ks = list(dict.fromkeys(k))
     else:
         ks = sorted({min(v, n - 1) for v in (32, 64, 512)})

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from cli.common import fail, read_mapping
 from client import (
     DEFAULT_URL,
     ApiError,
@@ -67,12 +68,6 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    line = " ".join(str(message).split())  # one line, whatever the server sent
-    print(f"ldreg: error: {line}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
 @contextmanager
 def _api(url: str, api_key: str | None) -> Iterator[LDRegClient]:
     """The client, with every client-side failure turned into one stderr line."""
@@ -85,14 +80,14 @@ def _api(url: str, api_key: str | None) -> Iterator[LDRegClient]:
         with LDRegClient(url, api_key) as api:
             yield api
     except MissingApiKey as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     except ApiError as exc:
         field = f" [field: {exc.field}]" if exc.field else ""
-        _fail(f"{exc.message}{field} (HTTP {exc.status} {exc.code})")
+        fail(f"{exc.message}{field} (HTTP {exc.status} {exc.code})")
     except (ServiceUnreachable, JobTimeout) as exc:
-        _fail(str(exc), 3)
+        fail(str(exc), 3)
     except ClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 # Formatting ---------------------------------------------------------------------------
@@ -226,16 +221,7 @@ def _flatten(value: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any
 
 def _load_spec(path: Path, kind: str | None) -> tuple[str, dict[str, Any], str | None]:
     """A spec file: the spec itself, or ``{kind, name, spec}``. YAML or JSON."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        _fail(f"spec file not found: {path}", 2)
-    except (OSError, yaml.YAMLError) as exc:
-        _fail(f"cannot read spec file {path}: {exc}", 2)
-    if not isinstance(doc, dict):
-        _fail(f"spec file {path} must hold a mapping of spec fields", 2)
+    doc = read_mapping(path)
     name = None
     if isinstance(doc.get("spec"), dict):
         kind = kind or doc.get("kind")
@@ -290,7 +276,7 @@ def _finish(job: Job) -> None:
         err.print(f"job {job.id} succeeded")
         return
     reason = f": {job.error.code}: {job.error.message}" if job.error else ""
-    _fail(f"job {job.id} {job.state}{reason}")
+    fail(f"job {job.id} {job.state}{reason}")
 
 
 # Commands -----------------------------------------------------------------------------
@@ -472,7 +458,7 @@ def diagnose(
 ) -> None:
     """Upload embeddings, run a LID / collapse diagnosis on the service, print its summary."""
     if not embeddings.is_file():
-        _fail(f"embeddings file not found: {embeddings}", 2)
+        fail(f"embeddings file not found: {embeddings}", 2)
     spec: dict[str, Any] = {}
     if k:
         spec["k"] = k
@@ -499,7 +485,7 @@ def compare(
 ) -> None:
     """Two or more jobs side by side: spec differences and final metrics."""
     if len(job_ids) < 2:
-        _fail("compare needs at least two job ids", 2)
+        fail("compare needs at least two job ids", 2)
     with _api(url, api_key) as api:
         result = api.compare(job_ids)
     if as_json:

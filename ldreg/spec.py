@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -77,6 +78,21 @@ def storable_text(value: str) -> str:
 
 # A string that goes to the database: storable, and bounded.
 Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(storable_text)]
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """A pydantic error's message in the words a user reads (no "Value error, ")."""
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted field, reason)`` for each problem in ``exc``, fields under ``prefix``:
+    the one formatting the API's data layer, the worker and the CLI share."""
+    out = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+        out.append((field or "(spec)", error_message(error)))
+    return out
 
 
 class _Spec(BaseModel):

@@ -30,6 +30,7 @@ from ldreg.spec import (
     DiagnoseSpec,
     JobSource,
     PretrainSpec,
+    field_errors,
     storable_text,
 )
 from service.admission import check_admission
@@ -55,12 +56,7 @@ MAX_PAGE_SIZE = 200
 
 
 def _validation_details(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
-    details = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = err["msg"].removeprefix("Value error, ")
-        details.append({"field": loc, "message": msg})
-    return details
+    return [{"field": f, "message": m} for f, m in field_errors(exc, prefix)]
 
 
 def validate_spec(kind: str, spec: BaseModel | dict[str, Any]) -> PretrainSpec | DiagnoseSpec:

@@ -42,7 +42,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ldreg.errors import TrainingCancelled, UserError
-from ldreg.spec import DiagnoseSpec, PretrainSpec
+from ldreg.spec import DiagnoseSpec, PretrainSpec, field_errors
 from service.db import session_scope
 from service.execution import (
     ArtifactFile,
@@ -227,11 +227,11 @@ def _execute(
 
 def _user_error(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, ValidationError):
-        errors = exc.errors()
-        if not errors:
+        problems = field_errors(exc, "spec")
+        if not problems:
             return "invalid_spec", f"spec: {exc}"
-        where = ".".join(str(p) for p in errors[0]["loc"])
-        return "invalid_spec", f"spec.{where}: {errors[0]['msg']}"
+        field, reason = problems[0]
+        return "invalid_spec", f"{field}: {reason}"
     return exc.code, exc.message  # type: ignore[attr-defined]
 
 
