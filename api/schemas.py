@@ -9,7 +9,7 @@ from fastapi import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ldreg.spec import DiagnoseSpec, PretrainSpec, storable_text
-from service.models import Artifact, Job, JobEvent, Upload
+from service.models import Artifact, Job
 
 JobStateName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 JobKindName = Literal["pretrain", "diagnose"]
@@ -122,21 +122,15 @@ class MetricsOut(BaseModel):
 
 
 class EventOut(BaseModel):
+    """A ``JobEvent`` row (``EventOut.model_validate(event)``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     at: datetime
     from_state: str | None
     to_state: str
     attempt: int
     reason: str
-
-    @classmethod
-    def from_event(cls, event: JobEvent) -> EventOut:
-        return cls(
-            at=event.at,
-            from_state=event.from_state,
-            to_state=event.to_state,
-            attempt=event.attempt,
-            reason=event.reason,
-        )
 
 
 class EventList(BaseModel):
@@ -168,29 +162,19 @@ class ArtifactList(BaseModel):
 
 
 class UploadOut(BaseModel):
+    """An ``Upload`` row (``UploadOut.model_validate(upload)``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     filename: str
     size: int
     sha256: str
-    n: int = Field(description="number of points (rows)")
-    d: int = Field(description="dimensions (columns)")
+    n: int = Field(validation_alias="num_points", description="number of points (rows)")
+    d: int = Field(validation_alias="dim", description="dimensions (columns)")
     dtype: str
     has_labels: bool
     created_at: datetime
-
-    @classmethod
-    def from_upload(cls, upload: Upload) -> UploadOut:
-        return cls(
-            id=upload.id,
-            filename=upload.filename,
-            size=upload.size,
-            sha256=upload.sha256,
-            n=upload.num_points,
-            d=upload.dim,
-            dtype=upload.dtype,
-            has_labels=upload.has_labels,
-            created_at=upload.created_at,
-        )
 
 
 class Health(BaseModel):

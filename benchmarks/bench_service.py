@@ -36,8 +36,6 @@ import importlib.util
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +56,8 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from cli.processes import ServiceProcess, free_port, wait_http_ok  # noqa: E402
 
 PG_SERVER = "postgres@127.0.0.1:5432"
 REDIS_SERVER = "redis://127.0.0.1:6379"
@@ -91,53 +91,19 @@ async def ping():
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A child in its own session (process group); output to a log file."""
+class Proc(ServiceProcess):
+    """A :class:`ServiceProcess` started at once and remembered, so that
+    :meth:`stop_all` stops every process a benchmark started."""
 
     started: ClassVar[list[Proc]] = []
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO):
-        self.log_path = log
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            args,
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(args, env, log, cwd)
+        self.start()
         Proc.started.append(self)
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        # The whole group: a Celery worker's children, a sweeper, anything left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
-        if not self._log.closed:
-            self._log.close()
+    def stop(self, timeout: float = 15.0, *, group: bool = True) -> None:
+        super().stop(timeout, group=group)
 
     @classmethod
     def stop_all(cls) -> None:
@@ -149,18 +115,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (its threads included), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_http_ok(url: str, proc: Proc, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"process exited during startup:\n{proc.log()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s:\n{proc.log()[-3000:]}")
 
 
 def wait_warmed_up(proc: Proc, timeout: float = 30.0) -> None:
@@ -347,7 +301,7 @@ def bench_http(env: dict[str, str], work: Path, key: str, job_id: str, args) -> 
             work / f"trivial-{config}.log",
         )
         base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/ping", trivial)
+        wait_http_ok(f"{base}/ping", timeout=90, proc=trivial)
         trivial_result = measure_http(f"{config}: trivial /ping", trivial, f"{base}/ping", {}, args)
         trivial_result["baseline"] = True
         results.append(trivial_result)
@@ -369,7 +323,7 @@ def bench_http(env: dict[str, str], work: Path, key: str, job_id: str, args) -> 
             work / f"api-{config}.log",
         )
         base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/healthz", api)
+        wait_http_ok(f"{base}/healthz", timeout=90, proc=api)
         wait_warmed_up(api)
         get = measure_http(
             f"{config}: GET /v1/jobs/{{id}}", api, f"{base}/v1/jobs/{job_id}", auth, args
@@ -418,7 +372,7 @@ def bench_submit(env: dict[str, str], work: Path, key: str, args) -> dict:
         [LDREG, "api", "--host", "127.0.0.1", "--port", str(port)], env, work / "api-submit.log"
     )
     base = f"http://127.0.0.1:{port}"
-    wait_http_ok(f"{base}/healthz", api)
+    wait_http_ok(f"{base}/healthz", timeout=90, proc=api)
 
     from_return: list[float] = []
     from_send: list[float] = []
@@ -677,7 +631,7 @@ def main() -> None:
             [LDREG, "api", "--host", "127.0.0.1", "--port", str(port)], env, work / "api-setup.log"
         )
         base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/healthz", api)
+        wait_http_ok(f"{base}/healthz", timeout=90, proc=api)
         r = httpx.post(
             f"{base}/v1/jobs",
             json={"kind": "pretrain", "name": "bench-get", "spec": TINY_SPEC},

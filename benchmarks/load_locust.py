@@ -158,7 +158,7 @@ def main() -> int:
             api_args.append("--no-access-log")
         api = Proc(api_args, env, work / "api.log")
         base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/healthz", api)
+        wait_http_ok(f"{base}/healthz", timeout=90, proc=api)
         wait_warmed_up(api)
         job_ids = []
         with httpx.Client(

@@ -244,7 +244,7 @@ class Service:
     def start_api(self, deadline: Deadline) -> None:
         args = [LDREG, "api", "--host", "127.0.0.1", "--port", str(self.api_port)]
         self.api = Proc(args, self.env, self.work / "api.log")
-        wait_http_ok(f"{self.base}/healthz", self.api, timeout=deadline.left(120))
+        wait_http_ok(f"{self.base}/healthz", timeout=deadline.left(120), proc=self.api)
 
     def start_worker(self, slot: int) -> Proc:
         name = f"w{slot}.{self.starts[slot]}"

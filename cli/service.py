@@ -16,6 +16,8 @@ import time
 
 import typer
 
+from cli.processes import ServiceProcess, wait_http_ok
+
 log = logging.getLogger("ldreg.cli")
 
 DEMO_TEAM = "demo"
@@ -172,45 +174,21 @@ def worker(
                 sweeper_proc.wait(10)
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
+def _spawn(args: list[str]) -> ServiceProcess:
     # Own session: the terminal's Ctrl-C reaches only `serve`, which then stops each
     # child in order (the worker hands its running job back first).
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
-        start_new_session=True,
-    )
+    return ServiceProcess([sys.executable, "-m", "cli.main", *args]).start()
 
 
-def _stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
-    """SIGTERM to each child itself, as ``docker stop`` does: the Celery worker then
-    stops its own pool. (SIGTERM to the worker's whole group also hit its idle pool
-    child mid-wait, and the pool then often hung at exit until the SIGKILL below, 30 s
-    later.) Whatever a child leaves in its group afterwards is killed."""
+def _stop(procs: list[ServiceProcess], timeout: float = 30.0) -> None:
+    """SIGTERM to each child itself (``ServiceProcess.terminate``), all within
+    ``timeout``; whatever a child leaves in its group afterwards is killed."""
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
+        p.terminate(group=False)
     deadline = time.monotonic() + timeout
     for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(deadline - time.monotonic(), 0.1))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(5)
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the API process exited during startup")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"the API at {base} did not become healthy in {timeout:.0f}s")
+        p.wait(deadline - time.monotonic())
+        p.finish()
 
 
 def _demo_key(url: str) -> str:
@@ -258,7 +236,7 @@ def serve(
     migrate(settings.database_url)
     _release_database_connections(settings.database_url)
 
-    procs: list[subprocess.Popen] = []
+    procs: list[ServiceProcess] = []
     stopping = False
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -272,7 +250,7 @@ def serve(
         procs.append(_spawn(["api", "--host", host, "--port", str(port)]))
         # One worker for both queues: on this machine it runs whatever is submitted.
         procs.append(_spawn(["worker", "--queues", "cpu,gpu"]))
-        _wait_healthy(base, procs[0])
+        wait_http_ok(f"{base}/healthz", proc=procs[0])
         typer.echo(f"\nLDReg service: API on {base} (docs: {base}/docs)")
         typer.echo(f"database: {settings.database_url}\nbroker:   {settings.broker_url}")
         if demo:
@@ -290,7 +268,7 @@ def serve(
         typer.echo("serving; press Ctrl-C to stop")
         while not stopping:
             for p in procs:
-                if p.poll() is not None:
+                if not p.alive():
                     typer.echo(
                         f"a service process exited (code {p.returncode}); stopping", err=True
                     )

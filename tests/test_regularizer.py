@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from ldreg.distributed import (
     rank,
     world_size,
 )
+from ldreg.launch import free_port
 from ldreg.lid import geometric_mean, lid_mle, lid_mom
 from ldreg.regularizer import LDReg
 
@@ -163,12 +163,6 @@ def test_distributed_helpers_are_the_identity_without_a_process_group():
 RANK_SIZES = (40, 24)  # uneven on purpose: the gather pads and trims
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank_id: int, port: int, features: torch.Tensor, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank_id, world_size=len(RANK_SIZES)
@@ -204,7 +198,7 @@ def test_two_gloo_ranks_reproduce_the_single_process_loss_and_gradients(tmp_path
     features = batch_features(sum(RANK_SIZES), 6, seed=8)
     mp.spawn(
         _rank_main,
-        args=(_free_port(), features, str(tmp_path)),
+        args=(free_port(), features, str(tmp_path)),
         nprocs=len(RANK_SIZES),
         join=True,
     )

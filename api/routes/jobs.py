@@ -166,7 +166,7 @@ def get_job_metrics(
 def list_job_events(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
     """Every state transition, with its reason and the attempt it happened in."""
     events = jobs.list_events(session=session, team=team, job_id=job_id)
-    return json_response(EventList(events=[EventOut.from_event(e) for e in events]))
+    return json_response(EventList(events=[EventOut.model_validate(e) for e in events]))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}})

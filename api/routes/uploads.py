@@ -64,4 +64,4 @@ async def create_upload(
         content_type=request.headers.get("content-type", ""),
         content_length=_content_length(request),
     )
-    return UploadOut.from_upload(upload)
+    return UploadOut.model_validate(upload)

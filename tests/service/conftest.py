@@ -8,83 +8,25 @@ fault tests can SIGKILL them for real.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from cli.processes import ServiceProcess, free_port, wait_http_ok
 from service import auth
 from service.db import session_scope
 from tests.conftest import fresh_postgres_database
 
 REDIS_SERVER = "redis://127.0.0.1:6379"
 LDREG = str(Path(sys.executable).with_name("ldreg"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServiceProcess:
-    """A process in its own session (process group), with its output in a log file."""
-
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen = field(init=False)
-
-    def start(self) -> ServiceProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.args,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (a Celery worker's children too)."""
-        if self.alive() or sig == signal.SIGKILL:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.alive():
-            self.kill(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
-                self.popen.wait(10)
-        # Reap children a TERM'd parent may have left behind.
-        self.kill(signal.SIGKILL)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")
@@ -140,22 +82,6 @@ def service_env(pg_url: str, redis_url: str, service_home: Path) -> dict[str, st
         OMP_NUM_THREADS="1",
     )
     return env
-
-
-def wait_http_ok(url: str, timeout: float = 30.0, proc: ServiceProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"process exited early:\n{proc.log()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(
-        f"{url} not ready after {timeout}s" + (f"\n{proc.log()[-4000:]}" if proc else "")
-    )
 
 
 @pytest.fixture(scope="session")

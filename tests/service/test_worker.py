@@ -10,13 +10,12 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LDREG, finished, free_port, wait_for
+from conftest import LDREG, ServiceProcess, finished, free_port, wait_for
 from sqlalchemy import select
 
 from service.db import session_scope
@@ -163,18 +162,14 @@ def _settings_kwargs(env: dict[str, str]) -> dict:
 
 def start_until(
     args: list[str], env: dict[str, str], log: Path, ready: str, timeout: float
-) -> subprocess.Popen:
+) -> ServiceProcess:
     """Start ``args`` in its own session, output to ``log``; return once ``ready`` is
     in the log (the test fails if the process exits or ``timeout`` passes first)."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = ServiceProcess(args, env, log).start()
     deadline = time.monotonic() + timeout
     while ready not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.kill()
             raise AssertionError(f"no {ready!r} within {timeout} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
     return proc
@@ -205,8 +200,7 @@ def test_serve_stops_an_idle_embedded_worker_promptly(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert processes_with_env(f"LDREG_HOME={tmp_path}") == []
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGKILL)
+        worker.kill()
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -248,8 +242,8 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
                 time.sleep(0.5)
         assert job["spec"]["ldreg"]["k"] == 32 and job["spec"]["epochs"] == 5
 
-        serve.send_signal(signal.SIGINT)  # Ctrl-C
-        assert serve.wait(60) == 0
+        serve.popen.send_signal(signal.SIGINT)  # Ctrl-C
+        assert serve.popen.wait(60) == 0
         # What a new user reads: no ERROR on the way out, no hostless-broker warnings.
         text = log.read_text()
         assert [line for line in text.splitlines() if "ERROR" in line] == []
@@ -265,5 +259,4 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
             assert job_row.state == "queued", (job_row.state, last.reason)
             assert "shutting down" in last.reason
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
+        serve.kill()
