@@ -4,17 +4,13 @@ Every dataset yields ``(uint8 image (3, S, S), int label)`` at one square size `
 augmentation and normalisation happen in the loaders. File-based datasets resolve
 their path under the server's data root and never outside it (symlinks included).
 
-Two implementations of the same augmentation recipe share one parameter set
-(:func:`view_augmentations`):
-
-* :func:`ssl_transform` — per-sample ``torchvision.transforms.v2`` pipelines, used by
-  :class:`TwoViewDataset` for ad-hoc use;
-* :class:`BatchViewAugment` — the same operations vectorised over a batch with
-  per-sample random parameters drawn from an explicit generator. :func:`make_ssl_loader`
-  uses it: it is an order of magnitude faster than per-sample transforms on small
-  images, and its randomness is a pure function of ``(seed, epoch, rank, batch index)``
-  so a resumed epoch reproduces the uninterrupted one exactly, whatever the number of
-  loader workers.
+The two views are made by :class:`BatchViewAugment`: torchvision's augmentation
+operations vectorised over a batch with per-sample random parameters drawn from an
+explicit generator (:func:`view_augmentations` holds each recipe's parameters). It is
+an order of magnitude faster than per-sample transforms on small images, and its
+randomness is a pure function of ``(seed, epoch, rank, batch index)``, so a resumed
+epoch reproduces the uninterrupted one exactly, whatever the number of loader workers.
+Its colour and blur operations are tested against torchvision's.
 
 Usage::
 
@@ -29,7 +25,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast, get_args
@@ -628,7 +624,7 @@ def build_datasets(spec: DatasetSpec, *, data_root: Path, seed: int = 0) -> Data
 
 @dataclass(frozen=True)
 class ViewAugmentation:
-    """One view's augmentation parameters, shared by the v2 and the batched pipelines.
+    """One view's augmentation parameters (:class:`BatchViewAugment` applies them).
 
     Attributes:
         crop_scale: area range of RandomResizedCrop (aspect ratio 3/4..4/3).
@@ -698,64 +694,64 @@ def view_augmentations(kind: str, image_size: int) -> tuple[ViewAugmentation, Vi
     )
 
 
-def _v2_pipeline(view: ViewAugmentation, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    ops: list[Any] = [
-        v2.RandomResizedCrop(view.image_size, scale=view.crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(view.flip_p),
-    ]
-    if view.jitter is not None:
-        ops.append(v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p))
-    if view.gray_p > 0:
-        ops.append(v2.RandomGrayscale(view.gray_p))
-    if view.blur_p > 0:
-        ops.append(
-            v2.RandomApply([v2.GaussianBlur(view.blur_kernel, view.blur_sigma)], p=view.blur_p)
-        )
-    if view.solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_p))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(ops)
-
-
-def ssl_transform(
-    kind: str, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
-    """Per-sample ``torchvision.transforms.v2`` pipelines for the two views.
-
-    Each maps a uint8 ``(3, H, W)`` image to a normalised float ``(3, S, S)`` view; the
-    two differ only for BYOL-style recipes (see :func:`view_augmentations`).
-    """
-    first, second = view_augmentations(kind, image_size)
-    return _v2_pipeline(first, mean, std), _v2_pipeline(second, mean, std)
-
-
-class TwoViewDataset(Dataset):
-    """Wraps an image dataset to return ``(view1, view2, label)``.
-
-    ``transform`` is one callable applied twice or a pair ``(view1_fn, view2_fn)`` as
-    returned by :func:`ssl_transform`. Randomness comes from torch's global generator;
-    :func:`make_ssl_loader` is the reproducible, faster path.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        transform: Callable[[Tensor], Tensor]
-        | tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]],
-    ) -> None:
-        self.dataset = dataset
-        self.transforms = transform if isinstance(transform, tuple) else (transform, transform)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        image, label = self.dataset[index]
-        return self.transforms[0](image), self.transforms[1](image), int(label)
-
-
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
     return low + (high - low) * torch.rand(n, generator=generator)
+
+
+# The colour operations of ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize
+# with torchvision's definitions, batched with one factor per image; each is tested
+# against ``torchvision.transforms.v2.functional`` (tests/test_data.py).
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """Scale by ``factor`` (one per image, ``(B, 1, 1, 1)``)."""
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with each image's mean grey level."""
+    return (factor * x + (1 - factor) * _grey(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with the image's grey version."""
+    return (factor * x + (1 - factor) * _grey(x)).clamp(0, 1)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue by ``shift`` turns (in [-0.5, 0.5])."""
+    hsv = _rgb_to_hsv(x.clamp(0, 1))
+    hsv[:, 0] = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
+def gaussian_blur(x: Tensor, kernel_size: int, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur, one ``sigma`` per image, reflect padding."""
+    m, _, h, w = x.shape
+    offsets = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
+    kernel = torch.exp(-offsets.square() / (2 * sigma.view(-1, 1).float().cpu().square()))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0).to(x.device)
+    flat = x.reshape(1, m * 3, h, w)
+    pad = kernel_size // 2
+    flat = F.conv2d(
+        F.pad(flat, (pad, pad, 0, 0), mode="reflect"),
+        kernel.view(m * 3, 1, 1, kernel_size),
+        groups=m * 3,
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, pad, pad), mode="reflect"),
+        kernel.view(m * 3, 1, kernel_size, 1),
+        groups=m * 3,
+    )
+    return flat.view(m, 3, h, w)
+
+
+def solarize(x: Tensor) -> Tensor:
+    """Invert the pixels at or above half intensity."""
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def _grey(x: Tensor) -> Tensor:
@@ -766,10 +762,11 @@ def _grey(x: Tensor) -> Tensor:
 class BatchViewAugment:
     """One view's augmentation vectorised over a batch, per-sample random parameters.
 
-    Mirrors :func:`ssl_transform`'s operations with the same parameters (including the
-    random order of the four colour-jitter operations) but draws every random number
-    from the ``generator`` it is given, so the result is a pure function of the images
-    and the generator's seed. Works on CPU or GPU tensors; parameters are drawn on CPU.
+    torchvision's operations (RandomResizedCrop's sampling, ColorJitter in a random
+    order per image, RandomGrayscale, GaussianBlur, RandomSolarize) with every random
+    number drawn from the ``generator`` it is given, so the result is a pure function of
+    the images and the generator's seed. Works on CPU or GPU tensors; parameters are
+    drawn on CPU.
     """
 
     def __init__(self, view: ViewAugmentation, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -793,7 +790,7 @@ class BatchViewAugment:
             x = self._blur(x, generator)
         if view.solarize_p > 0:
             sol = (torch.rand(n, generator=generator) < view.solarize_p).to(device).view(n, 1, 1, 1)
-            x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
+            x = torch.where(sol, solarize(x), x)
         return (x - self.mean.to(device)) / self.std.to(device)
 
     def _resized_crop_flip(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -847,17 +844,7 @@ class BatchViewAugment:
                 if selected.numel() == 0:
                     continue
                 sub, f = x[selected], factors[selected, op].view(-1, 1, 1, 1)
-                if op == 0:
-                    sub = sub * f
-                elif op == 1:
-                    sub = f * sub + (1 - f) * _grey(sub).mean(dim=(1, 2, 3), keepdim=True)
-                elif op == 2:
-                    sub = f * sub + (1 - f) * _grey(sub)
-                else:
-                    hsv = _rgb_to_hsv(sub.clamp(0, 1))
-                    hsv[:, 0] = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-                    sub = _hsv_to_rgb(hsv)
-                x = x.index_copy(0, selected, sub.clamp(0, 1))
+                x = x.index_copy(0, selected, _JITTER_OPS[op](sub, f))
         return x
 
     def _blur(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -867,21 +854,8 @@ class BatchViewAugment:
         selected = torch.nonzero(apply).squeeze(1)
         if selected.numel() == 0:
             return x
-        k = self.view.blur_kernel
-        offsets = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
-        kernel = torch.exp(-offsets.square() / (2 * sigma[selected].view(-1, 1).square()))
-        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0).to(x.device)
-        sub = x[selected.to(x.device)]
-        m, _, h, w = sub.shape
-        flat = sub.reshape(1, m * 3, h, w)
-        pad = k // 2
-        flat = F.conv2d(
-            F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(m * 3, 1, 1, k), groups=m * 3
-        )
-        flat = F.conv2d(
-            F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(m * 3, 1, k, 1), groups=m * 3
-        )
-        return x.index_copy(0, selected.to(x.device), flat.view(m, 3, h, w))
+        sub = gaussian_blur(x[selected.to(x.device)], self.view.blur_kernel, sigma[selected])
+        return x.index_copy(0, selected.to(x.device), sub)
 
 
 # --------------------------------------------------------------------------- loaders

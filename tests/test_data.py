@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+import ldreg.data as data_module
 from ldreg.data import (
     BatchViewAugment,
     EpochBatchSampler,
     TensorImageDataset,
-    TwoViewDataset,
     _hsv_to_rgb,
     _rgb_to_hsv,
     build_datasets,
@@ -24,7 +24,6 @@ from ldreg.data import (
     make_eval_loader,
     make_ssl_loader,
     resolve_data_path,
-    ssl_transform,
     view_augmentations,
 )
 from ldreg.errors import DatasetError
@@ -300,12 +299,31 @@ def test_mae_views_only_crop_and_flip(digits) -> None:
     torch.testing.assert_close(out, (images.float() / 255 - mean) / std, atol=1e-4, rtol=0)
 
 
-def test_v2_two_view_dataset_returns_two_normalised_views(digits) -> None:
-    pair = TwoViewDataset(digits.train, ssl_transform("simclr", 16, digits.mean, digits.std))
-    torch.manual_seed(0)
-    view1, view2, label = pair[3]
-    assert view1.shape == view2.shape == (3, 16, 16) and view1.dtype == torch.float32
-    assert not torch.equal(view1, view2) and label == digits.train[3][1]
+@pytest.mark.parametrize(
+    ("ours", "theirs", "factors"),
+    [
+        ("adjust_brightness", TF.adjust_brightness, (0.6, 1.0, 1.4)),
+        ("adjust_contrast", TF.adjust_contrast, (0.6, 1.0, 1.4)),
+        ("adjust_saturation", TF.adjust_saturation, (0.0, 0.6, 1.4)),
+        ("adjust_hue", TF.adjust_hue, (-0.1, 0.0, 0.25)),
+    ],
+)
+def test_batched_colour_operations_match_torchvision(ours, theirs, factors) -> None:
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    f = torch.tensor(factors).view(3, 1, 1, 1)
+    got = getattr(data_module, ours)(x, f)
+    for i, factor in enumerate(factors):
+        torch.testing.assert_close(got[i], theirs(x[i], factor), atol=1e-4, rtol=0)
+
+
+def test_batched_blur_and_solarize_match_torchvision() -> None:
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.5, 1.5])
+    got = data_module.gaussian_blur(x, 5, sigma)
+    for i in range(2):
+        want = TF.gaussian_blur(x[i], kernel_size=[5, 5], sigma=[float(sigma[i])] * 2)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(data_module.solarize(x), TF.solarize(x, threshold=0.5))
 
 
 # --------------------------------------------------------------------------- loaders
