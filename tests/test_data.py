@@ -17,13 +17,13 @@ from ldreg.data import (
     BatchViewAugment,
     EpochBatchSampler,
     TensorImageDataset,
-    _hsv_to_rgb,
-    _rgb_to_hsv,
     build_datasets,
     generate_synthetic,
+    hsv_to_rgb,
     make_eval_loader,
     make_ssl_loader,
     resolve_data_path,
+    rgb_to_hsv,
     view_augmentations,
 )
 from ldreg.errors import DatasetError
@@ -253,10 +253,10 @@ def test_image_folder_splits_one_folder_or_uses_train_and_val(tmp_path: Path) ->
 
 def test_batched_hue_rotation_matches_torchvision() -> None:
     x = torch.rand(4, 3, 8, 8)
-    torch.testing.assert_close(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
-    hsv = _rgb_to_hsv(x)
+    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+    hsv = rgb_to_hsv(x)
     hsv[:, 0] = torch.remainder(hsv[:, 0] + 0.1, 1.0)
-    torch.testing.assert_close(_hsv_to_rgb(hsv), TF.adjust_hue(x, 0.1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(hsv_to_rgb(hsv), TF.adjust_hue(x, 0.1), atol=1e-4, rtol=0)
 
 
 def test_view_recipes_scale_with_image_size() -> None:
