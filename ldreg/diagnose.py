@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -489,150 +489,52 @@ def diagnose_embeddings(
         ValueError (``ldreg.lid.LIDInputError``): bad shape, NaN/inf, fewer than 3
         points, an unknown estimator or reference mode, labels of the wrong length.
     """
-    import torch
-
-    from ldreg.lid import LIDInputError, knn, lid_from_distances, lid_tle_from_knn
-    from ldreg.rank import alpha_req, effective_rank, pca_dims
+    from ldreg.lid import LIDInputError
 
     timings: dict[str, float] = {}
     points = _as_float_tensor(x, device, LIDInputError)
     n, dim = points.shape
-    if n < 3:
-        raise LIDInputError(f"a diagnosis needs at least 3 points, found {n}")
-    estimators = list(dict.fromkeys(estimators))
-    unknown = [e for e in estimators if e not in ("mle", "mom", "tle")]
-    if unknown or not estimators:
-        raise LIDInputError(f"unknown estimators {unknown}; use 'mle', 'mom' or 'tle'")
-    ks = sorted({int(v) for v in k})
-    if not ks or ks[0] < 2:
-        raise LIDInputError(f"every k must be at least 2, found {list(k)}")
-    if not collapse_threshold > 0:
-        raise LIDInputError(f"collapse_threshold must be positive, found {collapse_threshold}")
-    label_array = None
-    if labels is not None:
-        label_array = np.asarray(labels).reshape(-1)
-        if label_array.shape[0] != n:
-            raise LIDInputError(
-                f"labels must have one entry per point ({n}), found {label_array.shape[0]}"
-            )
-
-    if reference == "full":
-        ref_idx = None
-        n_ref = n
-    elif reference == "sample":
-        if reference_size is None or reference_size < 3:
-            raise LIDInputError(
-                f"sample reference needs reference_size >= 3, found {reference_size}"
-            )
-        n_ref = min(int(reference_size), n)
-        # Sorted indices keep the reference gather sequential (a memmap reads in order).
-        ref_idx = np.sort(np.random.default_rng(seed).choice(n, size=n_ref, replace=False))
-    elif reference == "approximate":
-        ref_idx = None
-        n_ref = n
-    else:
-        raise LIDInputError(
-            f"unknown reference mode {reference!r}; use 'full', 'sample' or 'approximate'"
-        )
+    estimators, ks, label_array = _check_options(
+        n, estimators, k, labels, collapse_threshold, LIDInputError
+    )
+    ref_idx, n_ref = _reference_rows(reference, reference_size, n, seed, LIDInputError)
     # One neighbourhood size for every point: a sampled point has n_ref - 1 others.
     k_used = {kk: min(kk, n_ref - 1) for kk in ks}
     if min(k_used.values()) < 2:
         raise LIDInputError(f"the reference set of {n_ref} points leaves fewer than 2 neighbours")
-    k_max = max(k_used.values())
     keys = [(est, kk) for est in estimators for kk in ks]
     lids = {key: np.empty(n, dtype=np.float32) for key in keys}
 
-    def emit(done: int) -> None:
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress(0.0)
+    done = 0
+    blocks = _neighbour_blocks(
+        points, reference, ref_idx, max(k_used.values()), nprobe=nprobe, seed=seed
+    )
+    for rows, dists, indices, ref in blocks:
+        for key, values in _block_lids(keys, k_used, dists, indices, ref).items():
+            lids[key][rows] = values
+        done += dists.shape[0]
         if progress is not None:
             progress(min(1.0, done / n))
-
-    def estimate(rows: np.ndarray | slice, dists, indices, ref) -> None:
-        for est, kk in keys:
-            kd = dists[:, : k_used[kk]]
-            if est == "tle":
-                values = lid_tle_from_knn(kd, indices[:, : k_used[kk]], ref)
-            else:
-                values = lid_from_distances(kd, cast(Estimator, est))
-            lids[(est, kk)][rows] = values.cpu().numpy()
-
-    t0 = time.perf_counter()
-    emit(0)
-    done = 0
-    with torch.no_grad():
-        if reference == "approximate":
-            ref = points
-            searcher = ApproximateNeighbours(points, k_max, nprobe=nprobe, seed=seed)
-            timings["ann_build"] = time.perf_counter() - t0
-            step = _progress_blocks(n)
-            for s in range(0, n, step):
-                e = min(s + step, n)
-                dists, indices = searcher.search(s, e)
-                estimate(slice(s, e), dists, indices, ref)
-                done += e - s
-                emit(done)
-        elif ref_idx is None:
-            ref = points
-            step = _progress_blocks(n)
-            for s in range(0, n, step):
-                e = min(s + step, n)
-                # The queries are rows s..e of the reference: each excludes itself by index.
-                dists, indices = knn(points[s:e], k_max, ref, self_offset=s)
-                estimate(slice(s, e), dists, indices, ref)
-                done += e - s
-                emit(done)
-        else:
-            index = torch.as_tensor(ref_idx, device=points.device)
-            ref = points.index_select(0, index)
-            # Sampled points are the reference itself: their own row is excluded by index.
-            step = _progress_blocks(n)
-            for s in range(0, n_ref, step):
-                e = min(s + step, n_ref)
-                dists, indices = knn(ref[s:e], k_max, ref, self_offset=s)
-                estimate(ref_idx[s:e], dists, indices, ref)
-                done += e - s
-                emit(done)
-            outside = np.setdiff1d(np.arange(n), ref_idx, assume_unique=True)
-            for s in range(0, outside.size, step):
-                rows = outside[s : s + step]
-                queries = points.index_select(0, torch.as_tensor(rows, device=points.device))
-                dists, indices = knn(queries, k_max, ref)
-                estimate(rows, dists, indices, ref)
-                done += rows.size
-                emit(done)
     timings["knn_lid"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     summaries = {key: summarize_lids(v, threshold=collapse_threshold) for key, v in lids.items()}
     histograms = {key: lid_histogram(v) for key, v in lids.items()}
-    per_class = None
-    if label_array is not None:
-        per_class = {}
-        for label in np.unique(label_array):
-            mask = label_array == label
-            per_class[str(label.item() if hasattr(label, "item") else label)] = {
-                # The alarm is the whole representation's: a class's fraction is the
-                # share of its points below the overall geometric mean / e.
-                key: summarize_lids(
-                    v[mask], threshold=collapse_threshold, reference_gmean=summaries[key].gmean
-                )
-                for key, v in lids.items()
-            }
+    per_class = (
+        None
+        if label_array is None
+        else _per_class_summaries(lids, label_array, summaries, collapse_threshold)
+    )
     timings["summaries"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    spectrum_points = points
-    if global_max_points is not None and n > global_max_points:
-        rng = np.random.default_rng(seed + 1)
-        rows = np.sort(rng.choice(n, size=global_max_points, replace=False))
-        spectrum_points = points.index_select(0, torch.as_tensor(rows, device=points.device))
-    global_metrics = (
-        float(effective_rank(spectrum_points)),
-        float(alpha_req(spectrum_points)),
-        {"90": pca_dims(spectrum_points, 0.9), "99": pca_dims(spectrum_points, 0.99)},
-    )
-    del spectrum_points
+    effective, alpha, dims = _global_metrics(points, global_max_points, seed)
     timings["rank"] = time.perf_counter() - t0
-    emit(n)
+    if progress is not None:
+        progress(1.0)
     return DiagnosisReport(
         num_points=n,
         dim=dim,
@@ -646,11 +548,159 @@ def diagnose_embeddings(
         summaries=summaries,
         histograms=histograms,
         per_class=per_class,
-        effective_rank=global_metrics[0],
-        alpha_req=global_metrics[1],
-        pca_dims=global_metrics[2],
+        effective_rank=effective,
+        alpha_req=alpha,
+        pca_dims=dims,
         global_points=min(n, global_max_points or n),
         seconds=timings,
+    )
+
+
+def _check_options(
+    n: int,
+    estimators: Iterable[str],
+    k: Sequence[int],
+    labels: Any | None,
+    collapse_threshold: float,
+    error: type[Exception],
+) -> tuple[list[str], list[int], np.ndarray | None]:
+    """The estimators (unique, in order), the sorted unique k, and the labels as an
+    array; every bad option refused with ``error``."""
+    if n < 3:
+        raise error(f"a diagnosis needs at least 3 points, found {n}")
+    names = list(dict.fromkeys(estimators))
+    unknown = [e for e in names if e not in ("mle", "mom", "tle")]
+    if unknown or not names:
+        raise error(f"unknown estimators {unknown}; use 'mle', 'mom' or 'tle'")
+    ks = sorted({int(v) for v in k})
+    if not ks or ks[0] < 2:
+        raise error(f"every k must be at least 2, found {list(k)}")
+    if not collapse_threshold > 0:
+        raise error(f"collapse_threshold must be positive, found {collapse_threshold}")
+    label_array = None
+    if labels is not None:
+        label_array = np.asarray(labels).reshape(-1)
+        if label_array.shape[0] != n:
+            raise error(f"labels must have one entry per point ({n}), found {label_array.shape[0]}")
+    return names, ks, label_array
+
+
+def _reference_rows(
+    reference: str, reference_size: int | None, n: int, seed: int, error: type[Exception]
+) -> tuple[np.ndarray | None, int]:
+    """The rows of the reference set (None: all of them) and its size."""
+    if reference in ("full", "approximate"):
+        return None, n
+    if reference != "sample":
+        raise error(f"unknown reference mode {reference!r}; use 'full', 'sample' or 'approximate'")
+    if reference_size is None or reference_size < 3:
+        raise error(f"sample reference needs reference_size >= 3, found {reference_size}")
+    n_ref = min(int(reference_size), n)
+    # Sorted indices keep the reference gather sequential (a memmap reads in order).
+    return np.sort(np.random.default_rng(seed).choice(n, size=n_ref, replace=False)), n_ref
+
+
+def _neighbour_blocks(
+    points: Any,
+    reference: str,
+    ref_idx: np.ndarray | None,
+    k_max: int,
+    *,
+    nprobe: int,
+    seed: int,
+) -> Iterator[tuple[np.ndarray | slice, Any, Any, Any]]:
+    """Every point's ``k_max`` nearest neighbours, block by block:
+    ``(rows, distances, indices into ref, ref)``. Each point excludes itself by index
+    when it is part of the reference."""
+    import torch
+
+    from ldreg.lid import knn
+
+    n = points.shape[0]
+    step = _progress_blocks(n)
+    with torch.no_grad():
+        if reference == "approximate":
+            searcher = ApproximateNeighbours(points, k_max, nprobe=nprobe, seed=seed)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                dists, indices = searcher.search(s, e)
+                yield slice(s, e), dists, indices, points
+            return
+        if ref_idx is None:
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                # The queries are rows s..e of the reference: each excludes itself.
+                dists, indices = knn(points[s:e], k_max, points, self_offset=s)
+                yield slice(s, e), dists, indices, points
+            return
+        ref = points.index_select(0, torch.as_tensor(ref_idx, device=points.device))
+        # Sampled points are the reference itself: their own row is excluded by index.
+        for s in range(0, ref.shape[0], step):
+            e = min(s + step, ref.shape[0])
+            dists, indices = knn(ref[s:e], k_max, ref, self_offset=s)
+            yield ref_idx[s:e], dists, indices, ref
+        outside = np.setdiff1d(np.arange(n), ref_idx, assume_unique=True)
+        for s in range(0, outside.size, step):
+            rows = outside[s : s + step]
+            queries = points.index_select(0, torch.as_tensor(rows, device=points.device))
+            dists, indices = knn(queries, k_max, ref)
+            yield rows, dists, indices, ref
+
+
+def _block_lids(
+    keys: list[tuple[str, int]], k_used: dict[int, int], dists: Any, indices: Any, ref: Any
+) -> dict[tuple[str, int], np.ndarray]:
+    """The LIDs of one block's points for every (estimator, k), from its distances."""
+    from ldreg.lid import lid_from_distances, lid_tle_from_knn
+
+    out = {}
+    for est, kk in keys:
+        kd = dists[:, : k_used[kk]]
+        if est == "tle":
+            values = lid_tle_from_knn(kd, indices[:, : k_used[kk]], ref)
+        else:
+            values = lid_from_distances(kd, cast(Estimator, est))
+        out[(est, kk)] = values.cpu().numpy()
+    return out
+
+
+def _per_class_summaries(
+    lids: dict[tuple[str, int], np.ndarray],
+    label_array: np.ndarray,
+    summaries: dict[tuple[str, int], LIDSummary],
+    threshold: float,
+) -> dict[str, dict[tuple[str, int], LIDSummary]]:
+    """Each class's summaries. The alarm is the whole representation's: a class's
+    collapsed fraction is the share of its points below the overall gmean / e."""
+    per_class = {}
+    for label in np.unique(label_array):
+        mask = label_array == label
+        per_class[str(label.item() if hasattr(label, "item") else label)] = {
+            key: summarize_lids(v[mask], threshold=threshold, reference_gmean=summaries[key].gmean)
+            for key, v in lids.items()
+        }
+    return per_class
+
+
+def _global_metrics(
+    points: Any, global_max_points: int | None, seed: int
+) -> tuple[float, float, dict[str, int]]:
+    """Effective rank, α-ReQ and the PCA dimensions for 90 / 99 % of the variance, on
+    at most ``global_max_points`` seeded random rows."""
+    import torch
+
+    from ldreg.rank import alpha_req, effective_rank, pca_dims
+
+    n = points.shape[0]
+    rows_used = points
+    if global_max_points is not None and n > global_max_points:
+        rng = np.random.default_rng(seed + 1)
+        rows = np.sort(rng.choice(n, size=global_max_points, replace=False))
+        rows_used = points.index_select(0, torch.as_tensor(rows, device=points.device))
+    return (
+        float(effective_rank(rows_used)),
+        float(alpha_req(rows_used)),
+        {"90": pca_dims(rows_used, 0.9), "99": pca_dims(rows_used, 0.99)},
     )
 
 
