@@ -26,7 +26,7 @@ def dashboard_page() -> FileResponse:
 
 class _Revalidated(StaticFiles):
     """Static files that browsers revalidate (ETag) instead of caching blindly, so an
-    upgraded API never runs with last release's app.js."""
+    upgraded API never runs with last release's scripts."""
 
     def file_response(self, *args, **kwargs):
         response = super().file_response(*args, **kwargs)
