@@ -10,12 +10,15 @@ on the event loop instead of in a worker thread:
   arrive together are coalesced into one query (``Coalescer``), and so are polls, so
   under load one round trip answers dozens of them and requests never queue for the
   pool's connections.
-- **Anything else** (the embedded SQLite default): the same statements on the
+- **Anything else** (the embedded SQLite default): the same queries on the
   synchronous engine, in one worker-thread hop each, the connection returned before the
   hop ends.
 
-Measured in benchmarks/bench_service.py ("Service"). The statements are built from the
-models (``service.models``), so a schema change reaches them.
+Each read is defined once (:func:`team_lookup`, :func:`job_lookup`) over a source of
+requests: many requests unnested from arrays on PostgreSQL (compiled once for
+asyncpg), one request of bound parameters elsewhere. They are built from the models
+(``service.models``), so a schema change reaches them. Measured in
+benchmarks/bench_service.py ("Service").
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Select, String, bindparam, func, literal, select
 from sqlalchemy.engine import make_url
 
 from service.auth import KEY_PREFIX, hash_key
@@ -71,27 +73,68 @@ JOB_OUT_COLUMNS = (
 )
 
 
-def _statements() -> dict[str, Any]:
-    keys, teams, jobs = ApiKey.__table__, Team.__table__, Job.__table__
-    live_key = (keys.c.key_hash == bindparam("key_hash")) & keys.c.revoked_at.is_(None)
-    team = (
-        select(teams.c.id, teams.c.name)
-        .select_from(keys.join(teams, teams.c.id == keys.c.team_id))
-        .where(live_key)
+def _live_key(requests: Any) -> Any:
+    keys = ApiKey.__table__
+    return (keys.c.key_hash == requests.c.key_hash) & keys.c.revoked_at.is_(None)
+
+
+def team_lookup(requests: Any) -> Select[Any]:
+    """The key check, for every request of ``requests`` (columns ``key_hash``, ``i``):
+    ``(i, id, name)`` of the team whose live key it is; a key not live has no row."""
+    keys, teams = ApiKey.__table__, Team.__table__
+    return select(requests.c.i, teams.c.id, teams.c.name).select_from(
+        requests.join(keys, _live_key(requests)).join(teams, teams.c.id == keys.c.team_id)
     )
-    # One row per live key: the job's columns are all NULL when the team has no such job.
-    # Only what JobOut shows (api/schemas.py), not the worker's bookkeeping.
+
+
+def job_lookup(requests: Any) -> Select[Any]:
+    """The poll, for every request of ``requests`` (columns ``key_hash``, ``job_id``,
+    ``i``): the key's team and the job's shown columns (``JOB_OUT_COLUMNS``, all NULL
+    when the team has no such job); a key that is not live has no row. The key check
+    and the fetch are one query, so a revoked key stops working at once."""
+    keys, jobs = ApiKey.__table__, Job.__table__
     shown = [jobs.c[name] for name in JOB_OUT_COLUMNS]
-    job = (
-        select(keys.c.team_id.label("key_team_id"), *shown)
-        .select_from(
-            keys.outerjoin(
-                jobs, (jobs.c.team_id == keys.c.team_id) & (jobs.c.id == bindparam("job_id"))
-            )
+    return select(requests.c.i, keys.c.team_id.label("key_team_id"), *shown).select_from(
+        requests.join(keys, _live_key(requests)).outerjoin(
+            jobs, (jobs.c.team_id == keys.c.team_id) & (jobs.c.id == requests.c.job_id)
         )
-        .where(live_key)
     )
-    return {"team": team, "job": job}
+
+
+def _one_request(*names: str) -> Any:
+    """One request as a one-row source, its values bound parameters (any database)."""
+    columns = [bindparam(n, type_=String).label(n) for n in names]
+    return select(*columns, literal(1).label("i")).subquery("q")
+
+
+def _batch_of_requests(*names: str) -> Any:
+    """Many requests as arrays unnested side by side and numbered (PostgreSQL)."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    arrays = [bindparam(f"{n}s", type_=ARRAY(String)) for n in names]
+    return func.unnest(*arrays).table_valued(*names, with_ordinality="i").render_derived(name="q")
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """The columns of a job that ``JobOut.from_job`` reads, as :func:`job_lookup`
+    selects them."""
+
+    id: str
+    kind: str
+    name: str | None
+    state: str
+    attempt: int
+    progress_epoch: int
+    progress_epochs: int
+    progress_fraction: float | None
+    created_at: Any
+    started_at: Any
+    finished_at: Any
+    error_code: str | None
+    error_message: str | None
+    summary: dict[str, Any] | None
+    spec: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -100,7 +143,7 @@ class KeyedJob:
     ``job`` None means the team has no job with that id (or another team has it)."""
 
     team_id: str | None
-    job: Any | None
+    job: JobRow | None
 
 
 class Reads:
@@ -135,8 +178,7 @@ class Reads:
 def _keyed_job(row: Mapping[str, Any] | None) -> KeyedJob:
     if row is None:
         return KeyedJob(None, None)
-    # Attribute access, as on a Job: JobOut.from_job reads either.
-    job = SimpleNamespace(**row) if row["id"] is not None else None
+    job = JobRow(*(row[name] for name in JOB_OUT_COLUMNS)) if row["id"] is not None else None
     return KeyedJob(row["key_team_id"], job)
 
 
@@ -148,31 +190,12 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached for a read (answered 503 by api/errors.py)."""
 
 
-def _key_batch_sql() -> str:
-    """``team_for_key`` for many keys at once (PostgreSQL): the array of key hashes is
-    unnested, numbered, and joined as in the single query; a key that is not live has
-    no row."""
-    keys, teams = ApiKey.__tablename__, Team.__tablename__
-    return (
-        "SELECT q.i, t.id, t.name"
-        " FROM unnest($1::varchar[]) WITH ORDINALITY AS q(key_hash, i)"
-        f" JOIN {keys} AS k ON k.key_hash = q.key_hash AND k.revoked_at IS NULL"
-        f" JOIN {teams} AS t ON t.id = k.team_id"
-    )
+def _asyncpg_sql(statement: Select[Any]) -> str:
+    """The statement as asyncpg runs it (``$1``-style parameters, in the order of the
+    arrays passed to ``conn.fetch``)."""
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
 
-
-def _poll_batch_sql() -> str:
-    """``job_for_key`` for many polls at once (PostgreSQL): the arrays of key hashes and
-    job ids are unnested side by side, numbered, and joined as in the single query;
-    a poll whose key is not live has no row."""
-    keys, jobs = ApiKey.__tablename__, Job.__tablename__
-    shown = ", ".join(f"j.{Job.__table__.c[name].name}" for name in JOB_OUT_COLUMNS)
-    return (
-        f"SELECT q.i, k.team_id AS key_team_id, {shown}"
-        " FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS q(key_hash, job_id, i)"
-        f" JOIN {keys} AS k ON k.key_hash = q.key_hash AND k.revoked_at IS NULL"
-        f" LEFT JOIN {jobs} AS j ON j.team_id = k.team_id AND j.id = q.job_id"
-    )
+    return str(statement.compile(dialect=dialect()))
 
 
 class Coalescer(Generic[K, V]):
@@ -302,7 +325,8 @@ class PostgresReads(Reads):
 
     def __init__(self, url: str) -> None:
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
-        key_sql, poll_sql = _key_batch_sql(), _poll_batch_sql()
+        key_sql = _asyncpg_sql(team_lookup(_batch_of_requests("key_hash")))
+        poll_sql = _asyncpg_sql(job_lookup(_batch_of_requests("key_hash", "job_id")))
 
         async def key_batch(key_hashes: list[str]) -> list[Mapping[str, Any] | None]:
             return await self._batch(key_sql, len(key_hashes), key_hashes)
@@ -398,7 +422,10 @@ class ThreadedReads(Reads):
         from service.db import engine_for
 
         self._engine = engine_for(url)
-        self._statements = _statements()
+        self._statements = {
+            "team": team_lookup(_one_request("key_hash")),
+            "job": job_lookup(_one_request("key_hash", "job_id")),
+        }
 
     def _run(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
         with self._engine.connect() as conn:

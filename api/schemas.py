@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from api.reads import JobRow
 from ldreg.spec import DiagnoseSpec, PretrainSpec, storable_text
 from service.models import Artifact, Job
 
@@ -78,9 +79,9 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
 
     @classmethod
-    def from_job(cls, job: Job) -> JobOut:
-        """From a ``Job``, or anything with its attributes (the rows of api/reads.py,
-        which select exactly the columns read here: ``JOB_OUT_COLUMNS``)."""
+    def from_job(cls, job: Job | JobRow) -> JobOut:
+        """From a ``Job``, or a ``JobRow`` of the poll (api/reads.py), which selects
+        exactly the columns read here (``JOB_OUT_COLUMNS``)."""
         error = None
         if job.error_code is not None or job.error_message is not None:
             error = JobError(code=job.error_code or "error", message=job.error_message or "")
