@@ -3,10 +3,8 @@
 def list_jobs(session: SessionDep, team: CurrentTeam) -> JobList: ...
 
 The key check runs on the event loop (api/reads.py); only routes that take a
-``SessionDep`` use a worker thread and an ORM session, whose connection is taken in the
-route's own thread hop and given back when the route returns, never held across hops
-(so a burst of requests cannot exhaust the threadpool with threads waiting for
-connections that idle requests hold).
+``SessionDep`` use a worker thread and an ORM session, its connection held within the
+route's own thread hop (why: docs/architecture.md, "The API's request path").
 """
 
 from __future__ import annotations
@@ -41,10 +39,8 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
         session.close()
 
 
-# scope="function": the session is closed (its connection back in the pool) before the
-# response is sent, not after a slow client has read it. The routes return their JSON
-# already serialized (api.schemas.json_response), so the close follows the route's hop
-# directly and nothing holds a connection while waiting for a thread.
+# scope="function": closed before the response is sent (docs/architecture.md, "The
+# API's request path").
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 # auto_error=False: a missing key is answered in our error shape, not FastAPI's 403.

@@ -210,11 +210,9 @@ def json_response(
 ) -> Response:
     """``body`` as the JSON response, serialized here, in the route's own thread hop.
 
-    Sync routes with an ORM session return this rather than the model. FastAPI would
-    validate a returned model again in a second threadpool hop while the session, and
-    its pooled connection, is still open; under a burst of clients that hop waited for
-    a thread that requests waiting for connections held, and the API stalled until the
-    pool's 30 s timeout (tests/service/test_reads.py). The route's ``response_model``
+    Sync routes with an ORM session return this rather than the model, so that no
+    second threadpool hop runs with their connection held (docs/architecture.md, "The
+    API's request path"; tests/service/test_reads.py). The route's ``response_model``
     keeps the OpenAPI schema; the body is the same JSON.
     """
     return Response(
