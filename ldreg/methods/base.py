@@ -94,13 +94,13 @@ class MomentumMethod(SSLMethod):
     """An SSL method with an EMA target of its backbone and projector (BYOL, MoCo v3):
     the target's plumbing written once, as solo-learn's ``BaseMomentumMethod``.
 
-    A subclass builds ``self.projector``, then calls :meth:`make_target`; in
-    ``forward`` it reads the target with :meth:`target_forward` and offers the target's
-    outputs to the LDReg reference set with :meth:`target_reference`, as the LDReg
-    authors' BYOL loss does.
+    A subclass builds ``self.projector``, ``self.predictor`` and ``self.criterion``,
+    then calls :meth:`make_target`; the forward pass is shared.
     """
 
     projector: nn.Module
+    predictor: nn.Module
+    criterion: nn.Module  # (online predictions of view 1, 2, target outputs of 1, 2) → loss
     target_backbone: nn.Module
     target_projector: nn.Module
     momentum_base: float
@@ -114,15 +114,30 @@ class MomentumMethod(SSLMethod):
         base = spec.method_options.momentum_base
         self.momentum_base = 0.99 if base is None else base
 
-    @torch.no_grad()
-    def target_forward(self, views: Tensor) -> tuple[Tensor, Tensor]:
-        """The target's (features, projections) of ``views``, without gradient."""
-        features = self.target_backbone(views)
-        return features, self.target_projector(features)
-
-    @staticmethod
-    def target_reference(features: Tensor, projections: Tensor) -> dict[str, Tensor]:
-        return {"features": features.detach(), "projections": projections.detach()}
+    def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
+        """Each view's prediction against the other view's target output; the target's
+        outputs join the LDReg reference set, as in the LDReg authors' BYOL loss."""
+        check_views(view1, view2)
+        b = view1.shape[0]
+        views = torch.cat([view1, view2])
+        features = self.backbone(views)
+        projections = self.projector(features)
+        predictions = self.predictor(projections)
+        with torch.no_grad():
+            target_features = self.target_backbone(views)
+            target_projections = self.target_projector(target_features)
+        loss = self.criterion(
+            predictions[:b], predictions[b:], target_projections[:b], target_projections[b:]
+        )
+        return MethodOutput(
+            loss=loss,
+            features=features,
+            projections=projections,
+            extra_reference={
+                "features": target_features.detach(),
+                "projections": target_projections.detach(),
+            },
+        )
 
     @torch.no_grad()
     def update_target(self, *, step: int, total_steps: int) -> None:

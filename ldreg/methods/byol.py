@@ -8,14 +8,11 @@ Usage::
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldreg.methods.base import (
-    MethodOutput,
     MomentumMethod,
-    check_views,
     mlp,
 )
 from ldreg.spec import PretrainSpec
@@ -60,21 +57,3 @@ class BYOL(MomentumMethod):
         self.predictor = mlp(proj_dim, opts.pred_hidden_dim or self.heads.pred_hidden, proj_dim)
         self.make_target(spec)
         self.criterion = BYOLLoss()
-
-    def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
-        check_views(view1, view2)
-        b = view1.shape[0]
-        views = torch.cat([view1, view2])
-        features = self.backbone(views)
-        projections = self.projector(features)
-        predictions = self.predictor(projections)
-        target_features, target_projections = self.target_forward(views)
-        loss = self.criterion(
-            predictions[:b], predictions[b:], target_projections[:b], target_projections[b:]
-        )
-        return MethodOutput(
-            loss=loss,
-            features=features,
-            projections=projections,
-            extra_reference=self.target_reference(target_features, target_projections),
-        )

@@ -14,9 +14,7 @@ from torch import Tensor, nn
 
 from ldreg import distributed
 from ldreg.methods.base import (
-    MethodOutput,
     MomentumMethod,
-    check_views,
     mlp,
 )
 from ldreg.spec import PretrainSpec
@@ -94,19 +92,3 @@ class MoCoV3(MomentumMethod):
         self.make_target(spec)
         temperature = opts.temperature or (0.2 if vit else 1.0)
         self.criterion = MoCoV3Loss(temperature)
-
-    def forward(self, view1: Tensor, view2: Tensor) -> MethodOutput:
-        check_views(view1, view2)
-        b = view1.shape[0]
-        views = torch.cat([view1, view2])
-        features = self.backbone(views)
-        projections = self.projector(features)
-        queries = self.predictor(projections)
-        momentum_features, keys = self.target_forward(views)
-        loss = self.criterion(queries[:b], queries[b:], keys[:b], keys[b:])
-        return MethodOutput(
-            loss=loss,
-            features=features,
-            projections=projections,
-            extra_reference=self.target_reference(momentum_features, keys),
-        )
