@@ -342,23 +342,30 @@ def _finish(
     error: tuple[str, str] | None = None,
     reason: str | None = None,
 ) -> RunOutcome:
+    from worker.sink import while_leased
+
     files = list(_artifact_files(run_dir))
-    with session_scope(lease.settings.database_url) as s:
-        # Artifacts and the final state in one transaction: a finished job always
-        # lists the files it left.
-        owned = sync_artifacts(
-            session=s, job_id=lease.job_id, attempt=lease.attempt, files=files
-        ) and finish_job(
-            session=s,
-            job_id=lease.job_id,
-            attempt=lease.attempt,
-            state=state,
-            summary=summary,
-            error=error,
-            reason=reason,
-        )
-        if not owned:
-            s.rollback()
+
+    def write() -> bool:
+        with session_scope(lease.settings.database_url) as s:
+            # Artifacts and the final state in one transaction: a finished job always
+            # lists the files it left.
+            owned = sync_artifacts(
+                session=s, job_id=lease.job_id, attempt=lease.attempt, files=files
+            ) and finish_job(
+                session=s,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                state=state,
+                summary=summary,
+                error=error,
+                reason=reason,
+            )
+            if not owned:
+                s.rollback()
+            return owned
+
+    owned = while_leased(lease, write, "the final state")
     if not owned:
         log.warning("job %s attempt %d: not ours any more at finish", lease.job_id, lease.attempt)
         return RunOutcome.LOST

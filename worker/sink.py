@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -20,6 +21,34 @@ from service.execution import MetricRow, heartbeat, record_metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def while_leased(lease: Lease, write: Callable[[], T], what: str) -> T:
+    """``write()``, retried while the database is away and the lease still holds.
+
+    For writes fenced by the attempt, which are safe to repeat: a database restart or
+    failover shorter than the lease then costs the job nothing, instead of an attempt
+    and a restart from its last checkpoint. Once the lease has expired the sweeper may
+    already have given the job to another attempt, so the error goes up.
+    """
+    delay = 0.25
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            if lease.expired():
+                raise
+            log.warning(
+                "job %s: database unavailable (%s); retrying %s",
+                lease.job_id,
+                type(exc.orig or exc).__name__,
+                what,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 class Lease:
@@ -172,39 +201,22 @@ class DatabaseSink:
         return self.lease.must_stop()
 
     def _write(self, rows: list[MetricRow], *, progress_epoch: int) -> None:
-        """Write the rows, fenced by the attempt; retried while the database is away.
-
-        The write is an upsert fenced by the attempt, so repeating it is harmless. A
-        database restart or failover shorter than the lease therefore costs the job
-        nothing, instead of an attempt and a restart from its last checkpoint. Once the
-        lease has expired, the sweeper may already have given the job to another
-        attempt: the error goes up and the runner hands the job back.
-        """
-        delay = 0.25
-        while not self.lease.lost.is_set():
-            try:
-                with session_scope(self.lease.settings.database_url) as s:
-                    owned = record_metrics(
-                        session=s,
-                        job_id=self.lease.job_id,
-                        attempt=self.lease.attempt,
-                        rows=rows,
-                        progress_epoch=progress_epoch,
-                        progress_epochs=self.epochs or None,
-                    )
-                break
-            except (OperationalError, InterfaceError) as exc:
-                if self.lease.expired():
-                    raise
-                log.warning(
-                    "job %s: database unavailable (%s); retrying the metrics write",
-                    self.lease.job_id,
-                    type(exc.orig or exc).__name__,
-                )
-                time.sleep(delay)
-                delay = min(2 * delay, 2.0)
-        else:
+        """Write the rows (an upsert fenced by the attempt; :func:`while_leased`)."""
+        if self.lease.lost.is_set():
             return
+
+        def write() -> bool:
+            with session_scope(self.lease.settings.database_url) as s:
+                return record_metrics(
+                    session=s,
+                    job_id=self.lease.job_id,
+                    attempt=self.lease.attempt,
+                    rows=rows,
+                    progress_epoch=progress_epoch,
+                    progress_epochs=self.epochs or None,
+                )
+
+        owned = while_leased(self.lease, write, "the metrics write")
         if not owned:
             log.warning("job %s: metrics refused, the attempt lost its lease", self.lease.job_id)
             self.lease.lost.set()
