@@ -27,6 +27,9 @@ one of each other kind, in an order drawn from ``--seed``:
   ``--outage`` seconds, longer than a worker's lease, so the jobs training through it
   must stop and resume. Recovery, from PostgreSQL back: ``/readyz`` ready; a job
   submitted then running; every job that trained before the crash progressing again.
+* postgres-restart: a clean fast restart (about half a second down), inside a worker's
+  lease: the jobs training through it must go on in the same attempt (the run fails if
+  either needed another). Recovery: until both are past their epoch.
 
 Then the jobs are topped up to ``--jobs`` (queued behind each other), and once every
 job is terminal (or ``--timeout`` has passed since the start) each is checked: its
@@ -198,6 +201,18 @@ class Postgres:
     def crash(self) -> None:
         sigkill(self.proc)
 
+    def restart(self, deadline: Deadline) -> None:
+        """A clean, quick restart (SIGINT: fast shutdown, then start again), as an
+        operator's restart or a failover looks to the clients: a blip of a second or
+        two, shorter than a worker's lease."""
+        assert self.proc is not None
+        # SIGINT is PostgreSQL's fast shutdown (SIGTERM, "smart", waits for clients);
+        # to the group, since the process started is runuser, the postmaster its child.
+        self.proc.kill(signal.SIGINT)
+        self.proc.wait(30)
+        self.proc.finish()
+        self.start(deadline)
+
 
 class Redis:
     """A private redis-server, no persistence: a restart loses every message."""
@@ -346,6 +361,8 @@ class Soak:
     outage: float
     jobs: list[str] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
+    # A restart shorter than the lease cost a training job an attempt.
+    blip_cost_attempts: bool = False
 
     # ----- helpers
 
@@ -480,6 +497,27 @@ class Soak:
             )
             self.record("postgres", measure, back, down)
 
+    def fault_postgres_restart(self) -> None:
+        """A blip shorter than the lease: the jobs training through it must go on in
+        the same attempt (their metrics writes wait for the database and retry)."""
+        before = self.prepare()
+        stopped = time.monotonic()
+        self.postgres.restart(self.deadline)
+        back = time.monotonic()
+        wait_until(
+            lambda: all(self.progressed(j) for j in before),
+            "jobs to go on after the restart",
+            self.deadline,
+            180,
+            interval=0.5,
+        )
+        attempts = [(self.job(j["id"])["attempt"], j["attempt"]) for j in before]
+        kept = all(now == then for now, then in attempts)
+        note = f"(down {back - stopped:.1f} s; attempts {'kept' if kept else attempts})"
+        self.record("postgres-restart", "back → earlier jobs past their last epoch", back, note)
+        if not kept:
+            self.blip_cost_attempts = True
+
     def api_ready(self) -> bool:
         with contextlib.suppress(httpx.HTTPError):
             return httpx.get(f"{self.service.base}/readyz", timeout=5).status_code == 200
@@ -516,6 +554,7 @@ FAULTS = {
     "api": Soak.fault_api,
     "redis": Soak.fault_redis,
     "postgres": Soak.fault_postgres,
+    "postgres-restart": Soak.fault_postgres_restart,
 }
 
 
@@ -633,6 +672,7 @@ def report(soak: Soak, checks: list[JobCheck], elapsed: float) -> bool:
         ("missing epochs", missing),
         ("double runs", double),
         ("jobs by attempts", ", ".join(f"{n} × {a}" for a, n in sorted(attempts.items()))),
+        ("attempts kept through a restart", "no" if soak.blip_cost_attempts else "yes"),
         ("HTTP 5xx answers", dict(soak.api.server_errors) or 0),
         ("wall time", f"{elapsed:.0f} s"),
     ]:
@@ -645,7 +685,9 @@ def report(soak: Soak, checks: list[JobCheck], elapsed: float) -> bool:
                 *problems,
                 sep="\n    ",
             )
-    ok = states["succeeded"] == len(checks) and not (lost or duplicated or missing or double)
+    ok = states["succeeded"] == len(checks) and not (
+        lost or duplicated or missing or double or soak.blip_cost_attempts
+    )
     print("\nPASS" if ok else "\nFAIL", flush=True)
     return ok
 
@@ -698,7 +740,7 @@ def run(args: argparse.Namespace, work: Path) -> bool:
     )
     plan = []
     for _ in range(args.rounds):
-        faults = ["worker"] * args.worker_kills + ["api", "redis", "postgres"]
+        faults = ["worker"] * args.worker_kills + ["api", "redis", "postgres", "postgres-restart"]
         soak.rng.shuffle(faults)
         plan += faults
     print(f"faults (seed {args.seed}): {', '.join(plan)}", flush=True)
