@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(arms(DEFAULT_ALPHA[method]))
             data[method] = {a: by_arm[a] for a in order if a in by_arm}
     results["meta"] = {
-        "command": "python experiments/reproduce.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python experiments/reproduce.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
         "wall_minutes": (time.perf_counter() - started) / 60,
         "cpus": os.cpu_count(),
