@@ -2,13 +2,14 @@
 
 The claim (Huang et al., ICLR 2024, Sec. 6): LDReg raises the local intrinsic
 dimensionality of SSL representations, and their global rank, without hurting (often
-helping) linear-probe accuracy. This runner trains SimCLR (or ``--method``) on each
+helping) linear-probe accuracy. This runner trains SimCLR and BYOL (``--methods``) on each
 data set in five arms, each over the same seeds:
 
 * ``baseline``  — LDReg off (``ldreg: null``);
 * ``control``   — the same code path as the LDReg arms with a negligible α (1e-8): any
   difference it shows from the baseline is noise, not an effect;
-* ``α×1``, ``α×10``, ``α×100`` — the method's official α (SimCLR 0.01) and larger.
+* ``α×1``, ``α×10``, ``α×100`` — the method's official α (SimCLR 0.01; BYOL 0.005,
+  summed over the views) and larger.
 
 Every arm of one seed shares the data split, the initial weights, the batch order and
 the augmentations. For each metric the effect of an arm is its difference from the
@@ -26,7 +27,7 @@ this machine holds —, or a local CIFAR-10 copy with ``--cifar-root``.
 
 Usage (``.venv/bin/pip install -e '.[experiments]'`` first)::
 
-    .venv/bin/python experiments/reproduce.py                  # default: ~1 hour on 2 cores
+    .venv/bin/python experiments/reproduce.py          # default: 100 runs, ~75 min on 2 cores
     .venv/bin/python experiments/reproduce.py --seeds 3 --epochs-scale 0.5   # a quick look
     .venv/bin/python experiments/reproduce.py --cifar-root /data --datasets cifar10
 
