@@ -162,7 +162,10 @@ def test_cancel_running_job_frees_the_worker(
 def test_sigterm_hands_the_running_job_back(
     client: httpx.Client, start_worker, service_home: Path, pg_url: str
 ) -> None:
-    job_id = submit(client, tiny_spec(epochs=2), name="deploy")
+    # Epochs enough that the SIGTERM lands in training, not in the final evaluation
+    # (after the last stop check a job finishes: it is handed back only from training).
+    epochs = 6
+    job_id = submit(client, tiny_spec(epochs=epochs), name="deploy")
     first = start_worker()
     wait_training_steps(pg_url, job_id, first)
     # docker stop: SIGTERM to the main process only; it must tell its child.
@@ -181,4 +184,4 @@ def test_sigterm_hands_the_running_job_back(
     second = start_worker()
     job = wait_for(client, job_id, finished, worker=second)
     assert job["state"] == "succeeded" and job["attempt"] == 2
-    assert [e for e, _ in metric_rows(pg_url, job_id)] == [1, 2]
+    assert [e for e, _ in metric_rows(pg_url, job_id)] == list(range(1, epochs + 1))

@@ -33,7 +33,7 @@ FIXED_METRICS = {
     "lid_gmean_k32",
     "effective_rank",
     "knn_acc",
-    "linear_probe_acc",
+    "online_probe_acc",
 }
 
 
@@ -103,6 +103,9 @@ def test_submit_run_and_inspect_a_pretrain_job_delivered_three_times(
         # One point per epoch, at the global step that ends it.
         assert [p["epoch"] for p in points] == [1, 2, 3], (name, points)
         assert len({p["step"] for p in points}) == 3
+    # The offline probe is fitted once, at the end, with the L2 weight it chose.
+    assert [p["epoch"] for p in series["linear_probe_acc"]] == [3]
+    assert [p["epoch"] for p in series["linear_probe_l2"]] == [3]
     # LDReg is off during its one warm-up epoch and on afterwards.
     ldreg = [p["value"] for p in series["ldreg_loss"]]
     assert ldreg[0] == 0.0 and ldreg[1] < 0.0
