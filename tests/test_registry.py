@@ -48,11 +48,16 @@ def test_every_registered_backbone_builds_with_its_registered_shape(name: str) -
         assert feat_dim == 8 * (32 if entry.bottleneck else 8)
 
 
-@pytest.mark.parametrize("method", list(registry.METHODS))
-@pytest.mark.parametrize("backbone", list(registry.BACKBONES))
+VALID_PAIRS = [
+    (method, backbone)
+    for method, entry in registry.METHODS.items()
+    for backbone, b in registry.BACKBONES.items()
+    if not entry.needs_vit or b.family == "vit"  # MAE on a ResNet is refused by the spec
+]
+
+
+@pytest.mark.parametrize(("method", "backbone"), VALID_PAIRS)
 def test_the_api_can_size_every_method_on_every_backbone(method: str, backbone: str) -> None:
-    if registry.METHODS[method].needs_vit and registry.BACKBONES[backbone].family != "vit":
-        pytest.skip("not a valid combination: refused by the spec itself")
     estimate = estimate_pretrain(
         PretrainSpec.model_validate({"method": method, "backbone": backbone})
     )
