@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ldreg serve --demo
+	$(VENV)/bin/ldreg serve --demo $(if $(PORT),--port $(PORT),)
 
 test: $(STAMP)
 	bash scripts/ensure-browser.sh

@@ -10,13 +10,16 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import typer
 
-from cli.processes import ServiceProcess, wait_http_ok
+from cli.common import fail
+from cli.processes import ServiceProcess, free_port, wait_http_ok
 
 log = logging.getLogger("ldreg.cli")
 
@@ -191,36 +194,103 @@ def _stop(procs: list[ServiceProcess], timeout: float = 30.0) -> None:
         p.finish()
 
 
-def _demo_key(url: str) -> str:
-    """The demo team's key: the team is created once; each run adds a fresh key (only
-    hashes are stored, so an earlier key cannot be shown again)."""
-    from service.auth import create_key, create_team, find_team
+DEMO_JOB_NAME = "demo: SimCLR + LDReg on digits"
+DEFAULT_PORT = 8000
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _choose_port(host: str, port: int | None) -> int:
+    """The port asked for, refused at once when taken; without one, 8000, or a free
+    port when 8000 is taken (said on the console)."""
+    if port is not None:
+        if not _port_free(host, port):
+            fail(
+                f"port {port} on {host} is already in use by another process; pick another"
+                " with --port N (make demo PORT=N)",
+                2,
+            )
+        return port
+    if _port_free(host, DEFAULT_PORT):
+        return DEFAULT_PORT
+    chosen = free_port()
+    typer.echo(f"port {DEFAULT_PORT} is in use by another process; serving on {chosen}")
+    return chosen
+
+
+def _demo_key(url: str, kept: Path) -> str:
+    """The demo team's key, kept in ``kept`` (readable by this user only) and reused
+    while it is valid; a new one (and the team, the first time) otherwise. Only hashes
+    are in the database, so the file is the one place the key can be read again."""
+    from sqlalchemy import select
+
+    from service.auth import create_key, create_team, find_team, hash_key
     from service.db import session_scope
+    from service.models import ApiKey
 
     with session_scope(url) as s:
+        if kept.is_file():
+            key = kept.read_text().strip()
+            live = s.scalars(
+                select(ApiKey.id).where(
+                    ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
+                )
+            ).first()
+            if live is not None:
+                return key
         team = find_team(session=s, name_or_id=DEMO_TEAM)
         if team is not None:
-            return create_key(session=s, team=team)
-        _, key = create_team(session=s, name=DEMO_TEAM)
-        return key
+            key = create_key(session=s, team=team)
+        else:
+            key = create_team(session=s, name=DEMO_TEAM)[1]
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.touch(mode=0o600)
+    kept.write_text(key + "\n")
+    return key
 
 
-def _submit_demo(base: str, key: str) -> str:
+def _demo_job(base: str, key: str) -> tuple[str, bool]:
+    """The demo job: the team's earlier one unless it failed or was cancelled, else a
+    new one. Returns its id and whether it was submitted now."""
     import httpx
 
+    auth = {"Authorization": f"Bearer {key}"}
+    listed = httpx.get(f"{base}/v1/jobs", headers=auth, params={"kind": "pretrain"}, timeout=30)
+    listed.raise_for_status()
+    for job in listed.json()["jobs"]:
+        if job["name"] == DEMO_JOB_NAME and job["state"] not in ("failed", "cancelled"):
+            return job["id"], False
     r = httpx.post(
         f"{base}/v1/jobs",
-        headers={"Authorization": f"Bearer {key}"},
-        json={"kind": "pretrain", "name": "demo: SimCLR + LDReg on digits", "spec": DEMO_SPEC},
+        headers=auth,
+        json={"kind": "pretrain", "name": DEMO_JOB_NAME, "spec": DEMO_SPEC},
         timeout=30,
     )
     r.raise_for_status()
-    return r.json()["id"]
+    return r.json()["id"], True
+
+
+def _command_path() -> str:
+    """How to call ``ldreg`` from here: the venv's script, relative when it is below."""
+    script = Path(sys.executable).with_name("ldreg")
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="interface for the API"),
-    port: int = typer.Option(8000, "--port", help="TCP port for the API"),
+    port: int | None = typer.Option(
+        None, "--port", help="TCP port for the API [default: 8000, or a free one if taken]"
+    ),
     demo: bool = typer.Option(
         False, "--demo", help="seed a demo team, print its key and submit a small LDReg job"
     ),
@@ -231,6 +301,7 @@ def serve(
     from service.settings import get_settings
 
     _setup_logging()
+    port = _choose_port(host, port)
     settings = get_settings()
     wait_for_database(settings.database_url, timeout=60)
     migrate(settings.database_url)
@@ -247,23 +318,31 @@ def serve(
     signal.signal(signal.SIGTERM, _on_signal)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
-        procs.append(_spawn(["api", "--host", host, "--port", str(port)]))
+        api_args = ["api", "--host", host, "--port", str(port)]
+        if demo:
+            api_args.append("--no-access-log")  # a readable console: the key and next steps
+        procs.append(_spawn(api_args))
         # One worker for both queues: on this machine it runs whatever is submitted.
         procs.append(_spawn(["worker", "--queues", "cpu,gpu"]))
         wait_http_ok(f"{base}/healthz", proc=procs[0])
         typer.echo(f"\nLDReg service: API on {base} (docs: {base}/docs)")
         typer.echo(f"database: {settings.database_url}\nbroker:   {settings.broker_url}")
         if demo:
-            key = _demo_key(settings.database_url)
-            job_id = _submit_demo(base, key)
+            kept = settings.home.resolve() / "demo-api-key"
+            key = _demo_key(settings.database_url, kept)
+            job_id, submitted = _demo_job(base, key)
+            intro = (
+                "submitted a small SimCLR + LDReg pretraining job on digits"
+                if submitted
+                else "the demo job (submitted by an earlier run)"
+            )
             typer.echo(
-                f"\ndemo team '{DEMO_TEAM}' API key:\n  {key}\n"
-                f"\nsubmitted a small SimCLR + LDReg pretraining job on digits:\n"
-                f"  {base}/v1/jobs/{job_id}\n"
-                f"\npoll it with:\n"
-                f"  curl -H 'Authorization: Bearer {key}' {base}/v1/jobs/{job_id}\n"
-                f"  curl -H 'Authorization: Bearer {key}' {base}/v1/jobs/{job_id}/metrics\n"
-                f"or: LDREG_URL={base} LDREG_API_KEY={key} ldreg watch {job_id}\n"
+                f"\ndemo team '{DEMO_TEAM}' API key (kept in {kept}):\n  {key}\n"
+                f"\n{intro}:\n  {base}/v1/jobs/{job_id}\n"
+                f"\nnext:\n"
+                f"  export LDREG_URL={base} LDREG_API_KEY={key}\n"
+                f"  {_command_path()} watch {job_id}\n"
+                f"  or open {base}/ and paste the key\n"
             )
         typer.echo("serving; press Ctrl-C to stop")
         while not stopping:

@@ -10,6 +10,8 @@ import contextlib
 import os
 import re
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -236,7 +238,7 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
     deadline = time.monotonic() + 120
     try:
         text = log.read_text()
-        key = re.search(r"API key:\s+(\S+)", text).group(1)
+        key = re.search(r"API key \(kept in [^)]*\):\s+(\S+)", text).group(1)
         url = re.search(r"(http://127\.0\.0\.1:\d+/v1/jobs/\w+)", text).group(1)
         with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
             while (job := c.get(url).json())["progress"]["epoch"] < 1:
@@ -263,3 +265,53 @@ def test_serve_demo_on_the_embedded_default(tmp_path: Path) -> None:
             assert "shutting down" in last.reason
     finally:
         serve.kill()
+
+
+def test_serve_demo_twice_with_port_8000_taken_reuses_its_key_and_job(tmp_path: Path) -> None:
+    """What a newcomer meets when something else holds port 8000: a free port is used
+    and printed; a second run prints the same key (kept in LDREG_HOME) and the same job
+    instead of queueing another; asking for a taken port fails at once, naming it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDREG_")}
+    env.update(LDREG_HOME=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", 8000))
+            holder.listen()
+        except OSError:
+            pass  # already held by another process: the same situation
+        taken = subprocess.run(
+            [LDREG, "serve", "--demo", "--port", "8000"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode == 2
+        assert "port 8000 on 127.0.0.1 is already in use" in taken.stderr
+        assert "--port N" in taken.stderr
+
+        seen = []
+        for run in range(2):
+            log = tmp_path / f"serve-{run}.log"
+            serve = start_until([LDREG, "serve", "--demo"], env, log, "serving; press", 120)
+            try:
+                text = log.read_text()
+                assert "port 8000 is in use by another process; serving on" in text
+                base = re.search(r"API on (http://127\.0\.0\.1:\d+)", text).group(1)
+                assert not base.endswith(":8000")
+                key = re.search(r"API key \(kept in [^)]*\):\s+(\S+)", text).group(1)
+                job_url = re.search(rf"({re.escape(base)}/v1/jobs/\w+)", text).group(1)
+                r = httpx.get(job_url, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+                assert r.status_code == 200, r.text
+                seen.append((key, job_url.rsplit("/", 1)[1], "earlier run" in text))
+                # No access log lines bury the key in the demo's console.
+                assert '"GET /v1/jobs' not in text and 'HTTP/1.1" 200' not in text
+            finally:
+                serve.popen.send_signal(signal.SIGINT)
+                serve.popen.wait(60)
+                serve.kill()
+    (key1, job1, reused1), (key2, job2, reused2) = seen
+    assert key1 == key2 and job1 == job2
+    assert (reused1, reused2) == (False, True)
+    assert (tmp_path / "demo-api-key").stat().st_mode & 0o077 == 0
