@@ -232,11 +232,28 @@ def lid(
     import numpy as np
 
     try:
-        array = np.load(embeddings, allow_pickle=False)
+        with open(embeddings, "rb") as f:
+            magic = f.read(6)
     except FileNotFoundError:
         fail(f"file not found: {embeddings}", 2)
+    except OSError as e:
+        fail(f"cannot read {embeddings}: {e}", 2)
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
+        fail(
+            f"{embeddings} is not a .npy or .npz file; write the (N, D) array with"
+            " numpy.save (a CSV: numpy.save(path, numpy.loadtxt(csv, delimiter=','))",
+            2,
+        )
+    try:
+        loaded = np.load(embeddings, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            names = [n for n in loaded.files if n != "labels"]
+            if "embeddings" not in loaded.files and len(names) != 1:
+                fail(f"{embeddings} must hold an array named 'embeddings'; found {names}", 2)
+            loaded = loaded["embeddings" if "embeddings" in loaded.files else names[0]]
+        array = loaded
     except (OSError, ValueError) as e:
-        fail(f"{embeddings} is not a readable .npy array (object arrays are refused): {e}", 2)
+        fail(f"{embeddings} is not a readable array (object arrays are refused): {e}", 2)
     if not isinstance(array, np.ndarray) or array.ndim != 2:
         shape = getattr(array, "shape", None)
         fail(f"embeddings must be a 2-D array (N, D), found shape {shape}", 2)

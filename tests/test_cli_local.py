@@ -133,6 +133,20 @@ def test_lid_refuses_bad_input_with_a_clear_message(tmp_path, array, args, messa
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_lid_names_the_format_it_needs_for_a_csv_and_reads_an_npz(tmp_path):
+    (tmp_path / "emb.csv").write_text("0.1,0.2\n0.3,0.4\n")
+    out = invoke("lid", "emb.csv", cwd=tmp_path)
+    assert out.exit_code == 2
+    assert "not a .npy or .npz file" in out.stderr and "numpy.save" in out.stderr
+    assert "pickle" not in out.stderr
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", embeddings=rng.normal(size=(40, 5)), labels=np.arange(40))
+    out = invoke("lid", "emb.npz", "--k", "5", cwd=tmp_path)
+    assert out.exit_code == 0, out.stderr
+    assert "effective rank" in out.stdout
+
+
 def test_cli_entry_point_does_not_import_torch():
     probe = "import sys, cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
