@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ldreg.data_layout import layout_problem
 from ldreg.spec import (
     SPEC_MODELS,
     DatasetSpec,
@@ -87,6 +88,9 @@ def _check_dataset_path(settings: Settings, dataset: DatasetSpec, field: str) ->
     resolved = (root / dataset.path).resolve()
     if not resolved.is_relative_to(root):
         raise InvalidInput("path must stay inside the server's data root", field=field)
+    problem = layout_problem(dataset.name, resolved, dataset.path)
+    if problem is not None:
+        raise InvalidInput(problem, field=field, code="dataset_not_found")
 
 
 def _check_limits_and_scope(

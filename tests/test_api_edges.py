@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -173,3 +174,31 @@ def test_options_and_405_name_every_method_the_path_serves(api: TestClient) -> N
     r = api.delete("/v1/jobs")
     assert r.status_code == 405 and r.headers["Allow"] == "GET, POST, OPTIONS"
     assert api.options("/v1/nothing-here").status_code == 404
+
+
+def test_a_dataset_path_that_is_missing_or_misshapen_is_refused_at_submit(
+    api: TestClient, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"  # the fixture's data root (LDREG_HOME/data)
+    data.mkdir(exist_ok=True)
+
+    def submit(dataset: dict) -> dict:
+        r = api.post("/v1/jobs", json={"kind": "pretrain", "spec": {**SMALL, "dataset": dataset}})
+        return {"status": r.status_code, **(r.json().get("error") or {})}
+
+    missing = submit({"name": "npz", "path": "nope.npz"})
+    assert missing["status"] == 422 and missing["field"] == "spec.dataset.path"
+    assert missing["code"] == "dataset_not_found" and "'nope.npz'" in missing["message"]
+
+    (data / "cifar").mkdir()
+    (data / "cifar" / "data_batch_1").write_bytes(b"")
+    partial = submit({"name": "cifar10", "path": "cifar"})
+    assert partial["status"] == 422 and "missing: data_batch_2" in partial["message"]
+
+    (data / "flat").mkdir()
+    (data / "flat" / "a.png").write_bytes(b"")
+    flat = submit({"name": "image_folder", "path": "flat"})
+    assert flat["status"] == 422 and "class sub-folders" in flat["message"]
+
+    np.savez(data / "ok.npz", images=np.zeros((32, 8, 8), np.uint8))
+    assert submit({"name": "npz", "path": "ok.npz"})["status"] == 201

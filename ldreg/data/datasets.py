@@ -17,21 +17,12 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from ldreg.data.augment import hsv_to_rgb
+from ldreg.data_layout import CIFAR_FILES
 from ldreg.errors import DatasetError
 from ldreg.spec import DatasetSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_FILES = {
-    "cifar10": (
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)],
-        ["test_batch"],
-        "labels",
-        10,
-    ),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
-}
 _CHUNK = 4096
 
 
