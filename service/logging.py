@@ -40,6 +40,8 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))
     "message",
     "asctime",
     "taskName",
+    # uvicorn's copy of the message with terminal colour codes: the same text again.
+    "color_message",
 }
 
 _context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(

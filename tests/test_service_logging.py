@@ -89,6 +89,19 @@ def test_console_format_for_people(tmp_path: Path) -> None:
     assert lines[0].endswith("info    x: hello [job_id=j1 attempt=1 k=1]")
 
 
+def test_uvicorns_coloured_copy_of_a_message_is_not_repeated(tmp_path: Path) -> None:
+    lines = run_logging(
+        "configure_logging('api')\n"
+        "import logging\n"
+        "logging.getLogger('uvicorn.error').info(\n"
+        "    'Started server process [%d]', 7, extra={'color_message': '\\x1b[36m7\\x1b[0m'}\n"
+        ")\n",
+        tmp_path,
+        LDREG_LOG_FORMAT="console",
+    )
+    assert lines[-1].endswith("uvicorn.error: Started server process [7]"), lines
+
+
 def test_configuring_keeps_handlers_added_on_purpose(tmp_path: Path) -> None:
     run_logging(
         "logging.basicConfig()\n"
