@@ -144,6 +144,11 @@ def worker(
     unknown = sorted(set(names) - set(QUEUES))
     if not names or unknown:
         raise typer.BadParameter(f"queues must be among {', '.join(QUEUES)}", param_hint="--queues")
+    if names == ["gpu"] and not _sees_a_gpu():
+        logging.getLogger("ldreg.worker").warning(
+            "this worker takes only the gpu queue but sees no GPU (no /dev/nvidia*, or"
+            " CUDA_VISIBLE_DEVICES is empty): its jobs will train on the CPU"
+        )
     settings = get_settings()
     wait_for_database(settings.database_url, timeout=60)
     _ensure_schema(settings.database_url, timeout=120)
@@ -175,6 +180,14 @@ def worker(
             sweeper_proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 sweeper_proc.wait(10)
+
+
+def _sees_a_gpu() -> bool:
+    """An NVIDIA device is visible to this process, judged without importing torch (the
+    worker's parent must not: CUDA cannot survive a fork)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _spawn(args: list[str]) -> ServiceProcess:

@@ -315,3 +315,13 @@ def test_serve_demo_twice_with_port_8000_taken_reuses_its_key_and_job(tmp_path: 
     assert key1 == key2 and job1 == job2
     assert (reused1, reused2) == (False, True)
     assert (tmp_path / "demo-api-key").stat().st_mode & 0o077 == 0
+
+
+def test_a_gpu_queue_worker_that_sees_no_gpu_says_so_at_start(start_worker) -> None:
+    worker = start_worker(queues="gpu", CUDA_VISIBLE_DEVICES="")
+    deadline = time.monotonic() + 60
+    while "worker ready" not in worker.log():
+        assert time.monotonic() < deadline and worker.alive(), worker.log()[-3000:]
+        time.sleep(0.2)
+    warnings = [line for line in worker.log().splitlines() if "sees no GPU" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], worker.log()[-3000:]
