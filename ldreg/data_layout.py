@@ -29,13 +29,23 @@ def layout_problem(name: str, path: Path, shown: str) -> str | None:
     it), or None when its layout looks right."""
     if name in CIFAR_FILES:
         folder, train_files, test_files, _, _ = CIFAR_FILES[name]
+        if not path.is_dir():
+            return (
+                f"{name} expects a folder '{shown}' under the data root holding"
+                f" torchvision's '{folder}' files"
+            )
         directory = path / folder if (path / folder).is_dir() else path
         expected = train_files + test_files
         missing = [f for f in expected if not (directory / f).is_file()]
         if missing:
+            listing = (
+                f"{expected[0]}..{expected[-2][-1]} and {expected[-1]}"
+                if len(expected) > 2
+                else " and ".join(expected)
+            )
             return (
-                f"{name} expects torchvision's python-format files ({', '.join(expected)})"
-                f" under '{shown}' or '{shown}/{folder}'; missing: {', '.join(missing)}"
+                f"{name} expects {listing} (torchvision's python format) under"
+                f" '{shown}' or '{shown}/{folder}'; missing: {', '.join(missing)}"
             )
         return None
     if name == "npz":
@@ -47,8 +57,8 @@ def layout_problem(name: str, path: Path, shown: str) -> str | None:
             return f"image_folder expects a folder '{shown}' under the data root; there is none"
         if not any(child.is_dir() for child in path.iterdir()):
             return (
-                f"image_folder expects class sub-folders (or train/ and val/ holding them)"
-                f" in '{shown}'; it has none"
+                f"image_folder found no class sub-folders in '{shown}': expected"
+                " <class>/<image> files (or train/ and val/ holding them)"
             )
         return None
     return None

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from ldreg.data.augment import hsv_to_rgb
-from ldreg.data_layout import CIFAR_FILES
+from ldreg.data_layout import CIFAR_FILES, layout_problem
 from ldreg.errors import DatasetError
 from ldreg.spec import DatasetSpec
 
@@ -311,19 +311,6 @@ def _load_cifar_batch(path: Path, label_key: str, what: str) -> tuple[np.ndarray
 def _build_cifar(spec: DatasetSpec, base: Path) -> DatasetBundle:
     folder, train_files, test_files, label_key, num_classes = CIFAR_FILES[spec.name]
     directory = base / folder if (base / folder).is_dir() else base
-    expected = train_files + test_files
-    missing = [name for name in expected if not (directory / name).is_file()]
-    if missing:
-        listing = (
-            f"{expected[0]}..{expected[-2][-1]} and {expected[-1]}"
-            if len(expected) > 2
-            else " and ".join(expected)
-        )
-        raise DatasetError(
-            f"{spec.name} expects {listing} (torchvision's python format) under "
-            f"'{spec.path}' or '{spec.path}/{folder}'; missing: {', '.join(missing)}",
-            code="dataset_not_found",
-        )
 
     def load(files: list[str]) -> tuple[Tensor, Tensor]:
         parts = [
@@ -353,11 +340,6 @@ def _build_cifar(spec: DatasetSpec, base: Path) -> DatasetBundle:
 
 
 def _build_npz(spec: DatasetSpec, path: Path, seed: int) -> DatasetBundle:
-    if not path.is_file():
-        raise DatasetError(
-            f"npz dataset expects a .npz file at '{spec.path}' under the data root",
-            code="dataset_not_found",
-        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -454,12 +436,6 @@ class _LoadSquareRGB:
 def _build_image_folder(spec: DatasetSpec, path: Path, seed: int) -> DatasetBundle:
     from torchvision.datasets import ImageFolder
 
-    if not path.is_dir():
-        raise DatasetError(
-            f"image_folder expects a folder '{spec.path}' under the data root with class"
-            " sub-folders (or train/ and val/ each holding class sub-folders)",
-            code="dataset_not_found",
-        )
     size = spec.image_size or 224
     load = _LoadSquareRGB(size)
     try:
@@ -526,13 +502,11 @@ def build_datasets(spec: DatasetSpec, *, data_root: Path, seed: int = 0) -> Data
     if spec.path is None:
         raise DatasetError(f"dataset '{spec.name}' needs a 'path' under the data root")
     path = resolve_data_path(data_root, spec.path)
+    # The same check as the API's at submit: the files may have changed since.
+    problem = layout_problem(spec.name, path, spec.path)
+    if problem is not None:
+        raise DatasetError(problem, code="dataset_not_found")
     if spec.name in CIFAR_FILES:
-        if not path.is_dir():
-            raise DatasetError(
-                f"{spec.name} expects a folder '{spec.path}' under the data root holding"
-                f" torchvision's '{CIFAR_FILES[spec.name][0]}' files",
-                code="dataset_not_found",
-            )
         return _build_cifar(spec, path)
     if spec.name == "npz":
         return _build_npz(spec, path, seed)
