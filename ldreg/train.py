@@ -582,10 +582,11 @@ class _RankRun:
             step_metrics, probe_acc = self.train_step(
                 epoch, i, step, lr, (view1, view2, labels, clean[0] if clean else None), ldreg_on
             )
-            if "ldreg_lid_gmean" in step_metrics:
-                log_lid_sum += math.log(step_metrics["ldreg_lid_gmean"])
             for name, value in step_metrics.items():
-                sums[name] += value
+                if name == "ldreg_lid_gmean":  # the epoch's value is a geometric mean
+                    log_lid_sum += math.log(value)
+                else:
+                    sums[name] += value
             if not math.isnan(probe_acc):
                 sums["train_probe_acc"] += probe_acc
             count += 1
