@@ -4,19 +4,19 @@
   query parameter it answers 422 naming the parameter. Either way the request never
   reaches a query, where PostgreSQL would refuse it with an error, and never joins a
   coalesced batch (api/reads.py) whose other members it could fail.
-- ``OPTIONS`` on a path answers 204 with every method that path serves, and a 405 names
-  them all. Starlette names only the methods of the first route that matched the path,
-  and ``/v1/jobs`` has two routes (GET lists, POST submits).
+- ``OPTIONS`` on a path answers 204 with every method that path serves
+  (:func:`allowed_methods`; a 405 names them too, in api/errors.py). Starlette names
+  only the methods of the first route that matched the path, and ``/v1/jobs`` has two
+  routes (GET lists, POST submits).
 """
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_body
 
@@ -74,17 +74,4 @@ class EdgeChecks:
         if response is not None:
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, _complete_allow(scope, send))
-
-
-def _complete_allow(scope: Scope, send: Send) -> Send:
-    async def send_with_allow(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 405:
-            headers: list[Any] = [
-                (k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"
-            ]
-            headers.append((b"allow", ", ".join(allowed_methods(scope)).encode()))
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return send_with_allow
+        await self.app(scope, receive, send)

@@ -171,12 +171,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         )
     code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        from api.edge import allowed_methods  # api.edge imports this module
+
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
     return error_response(
         exc.status_code,
         code,
         message,
         getattr(exc, "field", None),
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers,
     )
 
 
