@@ -102,9 +102,6 @@ class Proc(ServiceProcess):
         self.start()
         Proc.started.append(self)
 
-    def stop(self, timeout: float = 15.0, *, group: bool = True) -> None:
-        super().stop(timeout, group=group)
-
     @classmethod
     def stop_all(cls) -> None:
         for p in reversed(cls.started):
