@@ -274,11 +274,12 @@ class OnlineLinearProbe(nn.Module):
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
 
-    def loss_and_acc(self, features_detached: Tensor, labels: Tensor) -> tuple[Tensor, float]:
-        """Cross-entropy loss (a tensor to back-propagate) and batch accuracy (a float)."""
+    def loss_and_acc(self, features_detached: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy loss (a tensor to back-propagate) and batch accuracy (a 0-d
+        tensor on the features' device: reading it is the caller's host sync)."""
         logits = self(features_detached.float())
         loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(dim=1) == labels).float().mean().item()
+        acc = (logits.argmax(dim=1) == labels).float().mean().detach()
         return loss, acc
 
     @torch.no_grad()

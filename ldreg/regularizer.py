@@ -112,14 +112,16 @@ class LDReg(nn.Module):
         # Checked after the gather, so every rank has joined it and sees the same
         # reference: if any rank diverged, all return NaN together instead of one rank
         # leaving the collective (a deadlock) or raising an input error. The training
-        # loop reports a NaN loss with its epoch and step.
-        if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(ref).all())):
-            nan = queries.sum() * math.nan
-            return self.alpha * nan, queries.new_full((queries.shape[0],), math.nan)
+        # loop reports a NaN loss with its epoch and step. A device-side select, not a
+        # host sync: the estimate runs on zeros and the result is poisoned with NaN.
+        finite = torch.isfinite(queries).all() & torch.isfinite(ref).all()
+        queries = torch.where(finite, queries, torch.zeros_like(queries))
+        ref = torch.where(finite, ref, torch.zeros_like(ref))
+        poison = torch.where(finite, 0.0, math.nan)
         lids = self._estimate(queries, ref, offset)
         log_lids = torch.log(lids)
         penalty = -log_lids.abs() if self.form == "l1" else -log_lids
-        return self.alpha * penalty.mean(), lids.detach()
+        return self.alpha * penalty.mean() + poison, lids.detach() + poison
 
     def _neighbourhood(
         self, features: Tensor, reference: Tensor | None, self_offset: int | None

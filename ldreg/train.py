@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ldreg import launch
+from ldreg import launch, registry
 from ldreg.backbones import build_backbone
 from ldreg.checkpoint import (
     atomic_torch_save,
@@ -59,7 +59,7 @@ BACKBONE_FORMAT = "ldreg-backbone-v1"
 STOP_POLL_STEPS = 5
 EVAL_BATCH_SIZE = 256
 # Spec fields that may change between a run and its resumption without changing it.
-RESUMABLE_CHANGES = {"devices", "num_workers"}
+RESUMABLE_CHANGES = {"devices", "num_workers", "compile"}
 
 
 # --------------------------------------------------------------------------- model
@@ -72,7 +72,7 @@ class StepOutput:
     ssl_loss: Tensor
     ldreg_loss: Tensor
     probe_loss: Tensor
-    probe_acc: float
+    probe_acc: Tensor
     ldreg_log_lid: Tensor
 
 
@@ -124,7 +124,7 @@ class TrainModule(nn.Module):
                 reduction=self.method.ldreg_reduction,
             )
             log_lid = lids.log().mean()
-        probe_loss, probe_acc = zero, float("nan")
+        probe_loss, probe_acc = zero, zero.float() + math.nan
         if self.probe is not None:
             probe_loss, probe_acc = self.probe.loss_and_acc(
                 *self._probe_inputs(out.features, labels, clean)
@@ -169,16 +169,9 @@ def ldreg_term(
     method's extra rows (BYOL's target features) placed after the local rows; each
     row's own entry is excluded by index.
 
-    Non-finite inputs give a NaN term, so the loop's NaN check reports the divergence
-    (not the LID estimator's input check). The estimate still runs, on zeroed inputs,
-    so that every rank takes part in the reference gather whatever its own values.
+    Non-finite inputs give a NaN term (``LDReg.loss_and_lids``), so the loop's NaN
+    check reports the divergence, not the LID estimator's input check.
     """
-    finite = bool(torch.isfinite(regularized.detach()).all())
-    if extra is not None:
-        finite = finite and bool(torch.isfinite(extra).all())
-    if not finite:
-        regularized = torch.nan_to_num(regularized.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-        extra = None if extra is None else torch.zeros_like(extra)
     if extra is None:
         term, lids = ldreg.loss_and_lids(regularized)
     else:
@@ -188,7 +181,7 @@ def ldreg_term(
         term = 2 * term
     elif reduction != "mean":
         raise ValueError(f"unknown LDReg reduction {reduction!r}; use 'mean' or 'sum_views'")
-    return (term, lids) if finite else (term + float("nan"), lids + float("nan"))
+    return term, lids
 
 
 def build_train_module(spec: PretrainSpec, *, image_size: int, num_classes: int) -> TrainModule:
@@ -418,7 +411,14 @@ def pretrain(
 @dataclass
 class StepStatus:
     """What one step's single collective carries, summed over ranks: the logged means,
-    the NaN flag and the stop flag, so every rank raises at the same step."""
+    the probe's batch accuracy, the NaN flag and the stop flag, so every rank raises at
+    the same step.
+
+    :meth:`start` queues the collective and the copy to the host without waiting;
+    :meth:`read` waits for them. In between the step's backward and optimizer step are
+    queued, so the device never idles on this, the step's only host sync (CUDA; on the
+    CPU everything is synchronous anyway).
+    """
 
     loss: float
     ssl_loss: float
@@ -426,20 +426,35 @@ class StepStatus:
     non_finite: float
     stop: float
     ldreg_log_lid: float
+    probe_acc: float
 
-    @classmethod
-    def all_reduced(cls, out: StepOutput, loss: Tensor, stop: bool) -> StepStatus:
+    @staticmethod
+    def start(out: StepOutput, loss: Tensor, stop: bool) -> tuple[Tensor, Any]:
         values = torch.stack(
             [
                 loss.detach(),
                 out.ssl_loss.detach().float(),
                 out.ldreg_loss.detach().float(),
                 (~torch.isfinite(loss.detach())).float(),
-                torch.tensor(float(stop), device=loss.device),
+                torch.full((), float(stop), device=loss.device),
                 out.ldreg_log_lid.detach().float(),
+                out.probe_acc.float(),
             ]
         )
-        return cls(*_all_reduce(values).tolist())
+        values = _all_reduce(values)
+        if values.device.type != "cuda":
+            return values, None
+        host = values.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @classmethod
+    def read(cls, pending: tuple[Tensor, Any]) -> StepStatus:
+        values, done = pending
+        if done is not None:
+            done.synchronize()
+        return cls(*values.tolist())
 
 
 class _RankRun:
@@ -474,7 +489,14 @@ class _RankRun:
         if world_size > 1 and spec.sync_bn:
             # The same TrainModule, its BatchNorms swapped in place.
             model = cast(TrainModule, launch.convert_sync_batchnorm(model, device.type))
-        self.model = model.to(device)
+        # Channels-last on CUDA for convolutional backbones: cuDNN's fastest layout for
+        # tensor-core convolutions (NHWC); autocast's bf16 / fp16 is what uses them.
+        self.memory_format = (
+            torch.channels_last
+            if device.type == "cuda" and registry.BACKBONES[spec.backbone].family == "resnet"
+            else torch.contiguous_format
+        )
+        self.model = model.to(device).to(memory_format=self.memory_format)
         self.method = self.model.method
 
         self.steps_per_epoch = len(self.loader(1))
@@ -542,6 +564,9 @@ class _RankRun:
     def run(self, resume: bool) -> dict[str, float]:
         start_epoch, summary = self.resume() if resume else (1, None)
         self.train_model = launch.wrap_model(self.model, self.device)
+        if self.spec.compile:
+            # The wrapper is compiled, not self.model: checkpoints keep their keys.
+            self.train_model = cast(nn.Module, torch.compile(self.train_model))
         if self.main:
             self.sink.on_train_start(
                 start_epoch=start_epoch,
@@ -616,12 +641,14 @@ class _RankRun:
         ldreg_on: bool,
     ) -> tuple[dict[str, float], float]:
         """One optimizer step; returns the step's logged metrics and the probe's
-        batch accuracy."""
+        batch accuracy (the mean over ranks; NaN without a probe)."""
         set_lr(self.optimizer, lr)
         device = self.device
-        view1, view2, labels, clean = (
-            None if t is None else t.to(device, non_blocking=True) for t in batch
+        view1, view2, clean = (
+            None if t is None else t.to(device, non_blocking=True, memory_format=self.memory_format)
+            for t in (batch[0], batch[1], batch[3])
         )
+        labels = batch[2].to(device, non_blocking=True)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = self.train_model(view1, view2, labels, ldreg_on, clean)
@@ -631,17 +658,11 @@ class _RankRun:
         if self.main and i % STOP_POLL_STEPS == 0:
             launch.check_peers()
             stop = bool(self.sink.should_stop())
-        status = StepStatus.all_reduced(out, loss, stop)
-        if status.non_finite > 0:
-            raise NonFiniteLossError(
-                f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
-                f" (step {i + 1} of the epoch); last good checkpoint:"
-                f" {_describe(self.last_good)}. Lower the learning rate, enable"
-                " optimizer.grad_clip or use fp32 precision"
-            )
-        if status.stop > 0:
-            raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
+        pending = StepStatus.start(out, loss, stop)
 
+        # Queued before the status is read, so the device works while the host waits.
+        # A NaN step or a stop therefore updates the weights once more before the raise
+        # below; neither is kept (the run fails, or resumes from its last checkpoint).
         self.optimizer.zero_grad(set_to_none=True)
         if self.probe_optimizer is not None:
             self.probe_optimizer.zero_grad(set_to_none=True)
@@ -655,6 +676,17 @@ class _RankRun:
         self.scaler.update()
         self.method.update_target(step=step + 1, total_steps=self.total_steps)
 
+        status = StepStatus.read(pending)
+        if status.non_finite > 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at epoch {epoch}, step {step + 1}"
+                f" (step {i + 1} of the epoch); last good checkpoint:"
+                f" {_describe(self.last_good)}. Lower the learning rate, enable"
+                " optimizer.grad_clip or use fp32 precision"
+            )
+        if status.stop > 0:
+            raise TrainingCancelled(f"cancelled at epoch {epoch}, step {step + 1}")
+
         w = self.world_size
         step_metrics = {
             "loss": status.loss / w,
@@ -665,7 +697,7 @@ class _RankRun:
         if ldreg_on:
             # Equal rows per rank: the mean of the ranks' mean ln LID is the batch's.
             step_metrics["ldreg_lid_gmean"] = math.exp(status.ldreg_log_lid / w)
-        return step_metrics, out.probe_acc
+        return step_metrics, status.probe_acc / w
 
     def end_epoch(
         self, epoch: int, metrics: dict[str, float], started: float, *, final: bool
