@@ -1,8 +1,12 @@
-"""CUDA and mixed-precision checks, for a machine with a GPU (CI has none).
+"""CUDA and mixed-precision checks, and the GPU speed measurements, in one go (< 10 min).
 
     python benchmarks/gpu_check.py [--out results.json] [--quick] [--only NAME]
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --smoke   # the CPU path, tiny sizes
 
-(with the project installed, or ``PYTHONPATH=.`` from the checkout's root.)
+(with the project installed, or ``PYTHONPATH=.`` from the checkout's root.) With
+``--device cpu`` the checks that need CUDA (autocast dtypes, fp16, NCCL, the GPU JPEG
+decoder) are reported as skipped and the rest run on the CPU; ``--smoke`` shrinks every
+size so the whole script runs in a minute (tests/test_benchmarks.py runs it so).
 
 Each check prints PASS or FAIL with what it measured; the exit status is 1 if any
 failed. What it covers, because the CPU suite cannot:
@@ -15,7 +19,12 @@ failed. What it covers, because the CPU suite cannot:
   ``diagnose_embeddings(device="cuda")`` matches the CPU report;
 * the NCCL path of ``ldreg.launch.launch`` (one rank: all the GPUs a one-GPU machine has);
 * speed ratios GPU / CPU for exact k-NN and for training steps (the numbers reported in
-  benchmarks/README.md).
+  benchmarks/README.md);
+* training at the ceiling: ``pretrain``'s images/s against the same model's bare step on
+  device-resident batches (``bench_ceiling.py``), SimCLR ResNet-18 at 32 px and
+  ResNet-50 at 224 px, target >= 90 %;
+* exact diagnosis of 1 000 000 x 512 (k = 64, MLE + MoM) on the GPU, target < 2 min;
+* the augmentation on the device (two views of 224 px batches) and the GPU JPEG decoder.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from ldreg import launch
 from ldreg.checkpoint import list_checkpoints
 from ldreg.diagnose import diagnose_embeddings
@@ -40,6 +52,12 @@ from ldreg.regularizer import LDReg
 from ldreg.spec import METHODS, PretrainSpec
 from ldreg.train import autocast_dtype, load_backbone, pretrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ceiling  # a sibling script
+
+# The device under test and the size scale: --device / --smoke.
+DEV = "cuda"
+SMOKE = False
 FIXED = {"loss", "ssl_loss", "ldreg_loss", "effective_rank", "knn_acc", "lr", "epoch_seconds"}
 RESULTS: dict[str, dict] = {}
 # VICReg's loss (weights 25/25/1) diverges at SGD lr 0.05 on this toy set, in fp32 on the
@@ -47,9 +65,13 @@ RESULTS: dict[str, dict] = {}
 LR = {"vicreg": 0.01}
 
 
-def check(name: str):
+def check(name: str, *, cuda_only: bool = False):
     def wrap(fn):
         def run() -> None:
+            if cuda_only and DEV != "cuda":
+                RESULTS[name] = {"ok": True, "skipped": "needs CUDA"}
+                print(f"SKIP {name}: needs CUDA", flush=True)
+                return
             started = time.perf_counter()
             try:
                 detail = fn() or {}
@@ -124,7 +146,7 @@ def assert_healthy(summary: dict, sink: Sink, epochs: int) -> None:
             assert math.isfinite(value), f"epoch {epoch}: {name} = {value}"
 
 
-@check("autocast_auto_dtype")
+@check("autocast_auto_dtype", cuda_only=True)
 def autocast_auto_dtype():
     dtype = autocast_dtype("auto", "cuda")
     # bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler.
@@ -135,11 +157,11 @@ def autocast_auto_dtype():
 
 
 def method_check(method: str, precision: str):
-    @check(f"train_{method}_{precision}")
+    @check(f"train_{method}_{precision}", cuda_only=precision == "fp16")
     def run():
         with tempfile.TemporaryDirectory() as tmp:
             spec = tiny_spec(method, precision=precision)
-            summary, sink = train(spec, "cuda", Path(tmp))
+            summary, sink = train(spec, DEV, Path(tmp))
             assert_healthy(summary, sink, spec.epochs)
             backbone, _ = load_backbone(Path(tmp) / "backbone.pt", "cpu")
             assert next(backbone.parameters()).device.type == "cpu"
@@ -156,21 +178,21 @@ def method_check(method: str, precision: str):
 def fp32_cuda_follows_cpu():
     spec = tiny_spec("simclr", precision="fp32", epochs=2)
     losses = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", DEV):
         with tempfile.TemporaryDirectory() as tmp:
             _, sink = train(spec, device, Path(tmp))
             losses[device] = [m["loss"] for _, m in sink.epochs]
-    rel = max(abs(a - b) / abs(a) for a, b in zip(losses["cpu"], losses["cuda"], strict=True))
+    rel = max(abs(a - b) / abs(a) for a, b in zip(losses["cpu"], losses[DEV], strict=True))
     assert rel < 0.02, losses
-    return {"cpu": losses["cpu"], "cuda": losses["cuda"], "max_rel_diff": rel}
+    return {"cpu": losses["cpu"], DEV: losses[DEV], "max_rel_diff": rel}
 
 
 @check("resume_gpu_checkpoint_on_cpu")
 def resume_gpu_checkpoint_on_cpu():
-    spec = tiny_spec("byol", precision="fp16", epochs=2)
+    spec = tiny_spec("byol", precision="fp16" if DEV == "cuda" else "fp32", epochs=2)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        _, first = train(spec, "cuda", run_dir)
+        _, first = train(spec, DEV, run_dir)
         last = list_checkpoints(run_dir / "checkpoints")[0]  # newest first
         last.unlink()
         last.with_name(last.name + ".sha256").unlink(missing_ok=True)
@@ -189,13 +211,13 @@ def knn_lid_cuda_equals_cpu():
     x = torch.randn(6000, 64, generator=g) @ torch.randn(64, 64, generator=g)
     x[10] = x[11]  # a duplicate pair: zero distances must be handled the same way
     d_cpu, i_cpu = knn(x, 32)
-    d_gpu, i_gpu = knn(x.cuda(), 32)
+    d_gpu, i_gpu = knn(x.to(DEV), 32)
     dist_err = (d_gpu.cpu() - d_cpu).abs().max().item() / d_cpu.max().item()
     same_idx = (i_gpu.cpu() == i_cpu).float().mean().item()
     assert dist_err < 1e-4 and same_idx > 0.999, (dist_err, same_idx)
     worst = {}
     for name, fn in (("mle", lid_mle), ("mom", lid_mom)):
-        a, b = fn(x, 32), fn(x.cuda(), 32).cpu()
+        a, b = fn(x, 32), fn(x.to(DEV), 32).cpu()
         finite = torch.isfinite(a) & torch.isfinite(b)
         assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
         worst[name] = ((a - b).abs() / a.abs().clamp_min(1e-6))[finite].max().item()
@@ -208,13 +230,13 @@ def ldreg_gradient_cuda_equals_cpu():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(256, 32, generator=g)
     grads, losses = {}, {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", DEV):
         leaf = z.clone().to(device).requires_grad_(True)
         loss = LDReg(alpha=1.0, k=16)(leaf)
         loss.backward()
         grads[device], losses[device] = leaf.grad.cpu(), loss.item()
-    rel = (grads["cpu"] - grads["cuda"]).norm() / grads["cpu"].norm()
-    assert abs(losses["cpu"] - losses["cuda"]) < 1e-4 * max(1.0, abs(losses["cpu"])), losses
+    rel = (grads["cpu"] - grads[DEV]).norm() / grads["cpu"].norm()
+    assert abs(losses["cpu"] - losses[DEV]) < 1e-4 * max(1.0, abs(losses["cpu"])), losses
     assert rel < 1e-3, rel.item()
     return {"loss": losses, "grad_rel_err": rel.item()}
 
@@ -226,7 +248,7 @@ def diagnose_cuda_equals_cpu():
     x[:500, 8:] = 0  # a locally collapsed cluster
     kw = {"k": [16, 64], "estimators": ["mle", "mom"], "labels": torch.arange(4000) % 5}
     cpu = diagnose_embeddings(x, **kw)
-    gpu = diagnose_embeddings(x, device="cuda", **kw)
+    gpu = diagnose_embeddings(x, device=DEV, **kw)
     worst = 0.0
     for key, want in cpu.lids.items():
         got = gpu.lids[key]
@@ -249,14 +271,14 @@ def _nccl_rank(rank: int, world_size: int) -> float:
     return float(t.sum())
 
 
-@check("nccl_launch_one_rank")
+@check("nccl_launch_one_rank", cuda_only=True)
 def nccl_launch_one_rank():
     total = launch.launch(_nccl_rank, 1, device_type="cuda")
     assert total == 4.0, total
     return {"all_reduce_sum": total}
 
 
-@check("speed_knn_gpu_vs_cpu")
+@check("speed_knn_gpu_vs_cpu", cuda_only=True)
 def speed_knn_gpu_vs_cpu():
     x = torch.randn(20000, 128)
     xc = x.cuda()
@@ -280,7 +302,7 @@ def speed_knn_gpu_vs_cpu():
     }
 
 
-@check("speed_train_gpu_vs_cpu")
+@check("speed_train_gpu_vs_cpu", cuda_only=True)
 def speed_train_gpu_vs_cpu():
     out = {}
     for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "auto")):
@@ -294,14 +316,65 @@ def speed_train_gpu_vs_cpu():
     return out
 
 
+def ceiling_check(preset: str):
+    @check(f"speed_ceiling_{preset}")
+    def run():
+        name = "cpu-smoke" if SMOKE else preset
+        steps, warmup = (4, 2) if SMOKE else (30, 10)
+        workers = 0 if SMOKE else min(8, os.cpu_count() or 1)
+        options = argparse.Namespace(precision="auto", compile=False, workers=workers)
+        result = bench_ceiling.run(name, DEV, steps, warmup, options)
+        if DEV == "cuda":
+            # The target; on a CPU the data path is the bottleneck by design.
+            assert result["real_over_ceiling"] >= 0.9, result
+        return result
+
+    return run
+
+
+@check("speed_exact_diagnosis_1m")
+def speed_exact_diagnosis_1m():
+    # 1 000 000 x 512 (100 clusters of 16-d Gaussians in R^512 plus noise, as
+    # bench_diagnose.py), exact k-NN over all points, MLE + MoM; target < 2 min.
+    n, dim = (20_000, 64) if SMOKE else (1_000_000, 512)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    centres = torch.randn(100, dim, device=DEV, generator=g) * 4
+    basis = torch.randn(100, 16, dim, device=DEV, generator=g) / 4
+    label = torch.arange(n, device=DEV) % 100
+    x = centres[label] + torch.einsum(
+        "nl,nld->nd", torch.randn(n, 16, device=DEV, generator=g), basis[label]
+    )
+    x += 0.01 * torch.randn(n, dim, device=DEV, generator=g)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    report = diagnose_embeddings(x, k=[64], estimators=["mle", "mom"], device=DEV)
+    seconds = time.perf_counter() - started
+    summary = report.summary()
+    if not SMOKE:
+        assert seconds < 120, seconds
+    return {
+        "n": n,
+        "dim": dim,
+        "k": 64,
+        "seconds": round(seconds, 1),
+        "lid_gmean": summary["lid_gmean"],
+        "collapse_fraction": summary["collapse_fraction"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="skip the speed checks")
     parser.add_argument("--only", default="", help="run the checks whose name contains this")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the script's own test")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: these checks need a GPU")
+    global DEV, SMOKE
+    DEV, SMOKE = args.device, args.smoke
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: these checks need a GPU (--device cpu runs the CPU path)")
     checks = [autocast_auto_dtype]
     checks += [method_check(m, "auto") for m in METHODS]
     checks += [method_check(m, "fp16") for m in ("simclr", "vicreg", "mae")]
@@ -315,6 +388,7 @@ def main() -> None:
     ]
     if not args.quick:
         checks += [speed_knn_gpu_vs_cpu, speed_train_gpu_vs_cpu]
+        checks += [ceiling_check("r18-32"), ceiling_check("r50-224"), speed_exact_diagnosis_1m]
     for run in checks:
         if args.only in run.__name__:
             run()

@@ -129,6 +129,30 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(uninterr
     assert summary["lid_gmean_k8"] == pytest.approx(reference_summary["lid_gmean_k8"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_run_resumed_under_torch_compile_matches_the_eager_run(uninterrupted, tmp_path):
+    # compile is a resumable change: the compiled wrapper leaves the checkpoint's keys
+    # alone, and the compiled step computes what the eager one does.
+    reference_dir, reference_summary = uninterrupted
+    with pytest.raises(TrainingCancelled):
+        pretrain(
+            tiny_spec(**RESUME_SPEC),
+            run_dir=tmp_path,
+            data_root=tmp_path,
+            sink=RecordingSink(stop_after_epoch=2),
+        )
+    resumed = RecordingSink()
+    summary = pretrain(
+        tiny_spec(**RESUME_SPEC, compile=True), run_dir=tmp_path, data_root=tmp_path, sink=resumed
+    )
+    assert [e for e, _ in resumed.epochs] == [3]
+    a, b = final_model(tmp_path), final_model(reference_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert summary["loss"] == pytest.approx(reference_summary["loss"], rel=1e-3)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_valid_one(uninterrupted, tmp_path):
     reference_dir, _ = uninterrupted
     shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
