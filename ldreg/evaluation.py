@@ -310,8 +310,9 @@ def representation_metrics(
     ``-k / Σ_{i<k} ln(r_i / r_k)`` (``lid_mle`` variant ``"ldreg"``, their ``lid.py``;
     Levina & Bickel 2004 put ``k - 1`` in the numerator, so these values are
     ``k / (k - 1)`` times theirs). The geometric mean is LDReg's natural mean of LIDs
-    (Huang et al. 2024, Sec. 4). ``k`` is clipped to
-    ``N - 1`` with a warning; the key keeps the requested ``k`` so series stay aligned.
+    (Huang et al. 2024, Sec. 4). A ``k`` above ``N - 1`` is clipped to ``N - 1`` with
+    a warning, and the key names the ``k`` actually used (``k=512`` on 359 points gives
+    ``lid_gmean_k358``): a metric's name never claims a neighbourhood it did not use.
     ``effective_rank`` is RankMe (Garrido et al. 2023) and ``alpha_req`` the eigenspectrum
     power-law exponent (Agrawal et al. 2022).
     """
@@ -330,7 +331,7 @@ def representation_metrics(
                 f"LID k={k} exceeds the {n - 1} available neighbours; using k={k_used}",
                 stacklevel=2,
             )
-        metrics[f"lid_gmean_k{k}"] = float(geometric_mean(lid_mle(x, k=k_used)))
+        metrics[f"lid_gmean_k{k_used}"] = float(geometric_mean(lid_mle(x, k=k_used)))
     metrics["effective_rank"] = float(effective_rank(x))
     metrics["alpha_req"] = float(alpha_req(x))
     return metrics

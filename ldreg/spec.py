@@ -166,17 +166,31 @@ class OptimizerSpec(_Spec):
     grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
 
 
+# LDReg's defaults when the spec leaves them out; both are fitted to the run
+# (PretrainSpec._fit_ldreg_defaults), so an omitted field can never make a spec invalid.
+DEFAULT_LDREG_K = 64
+DEFAULT_LDREG_WARMUP = 10
+
+
 class LDRegSpec(_Spec):
     """The LDReg term: ``alpha * mean(-|ln LID|)`` over the chosen target."""
 
     alpha: Annotated[float, Field(ge=0.0, le=10.0)] | None = Field(
         default=None, description="None → the method's official default"
     )
-    k: Annotated[int, Field(ge=2, le=4096)] = 64
+    k: Annotated[int, Field(ge=2, le=4096)] = Field(
+        default=DEFAULT_LDREG_K,
+        description=f"neighbours per sample; when omitted, {DEFAULT_LDREG_K} capped at"
+        " batch_size - 1 (the neighbours come from the batch)",
+    )
     estimator: Literal["mom", "mle"] = "mom"
     target: Literal["features", "projections"] = "features"
     form: Literal["l1", "log"] = "l1"
-    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 10
+    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = Field(
+        default=DEFAULT_LDREG_WARMUP,
+        description="epochs trained without the term first; when omitted, a tenth of the"
+        f" run, at most {DEFAULT_LDREG_WARMUP}; must be below epochs",
+    )
 
 
 class EvalSpec(_Spec):
@@ -254,7 +268,27 @@ class PretrainSpec(_Spec):
     )
 
     @model_validator(mode="after")
+    def _fit_ldreg_defaults(self) -> PretrainSpec:
+        """Omitted LDReg fields take values that fit the run: k = 64 below the batch
+        size, warm-up = a tenth of the epochs up to 10. The resolved values are in the
+        spec the API returns and the worker runs."""
+        ldreg = self.ldreg
+        if ldreg is None:
+            return self
+        if "k" not in ldreg.model_fields_set:
+            ldreg.k = max(2, min(DEFAULT_LDREG_K, self.batch_size - 1))
+        if "warmup_epochs" not in ldreg.model_fields_set:
+            ldreg.warmup_epochs = min(DEFAULT_LDREG_WARMUP, self.epochs // 10)
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> PretrainSpec:
+        if self.ldreg is not None and self.ldreg.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"ldreg.warmup_epochs ({self.ldreg.warmup_epochs}) must be below epochs"
+                f" ({self.epochs}): LDReg would never be active. Lower the warm-up, or set"
+                " ldreg to null for a baseline run"
+            )
         if self.ldreg is not None and self.ldreg.k >= self.batch_size:
             raise ValueError(
                 f"ldreg.k ({self.ldreg.k}) must be smaller than batch_size ({self.batch_size}):"
