@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Select, String, bindparam, func, literal, select
 from sqlalchemy.engine import make_url
 
+from service import job_ids
 from service.auth import KEY_PREFIX, hash_key
 from service.models import ApiKey, Job, Team
 
@@ -70,6 +71,12 @@ JOB_OUT_COLUMNS = (
     "error_message",
     "summary",
     "spec",
+    "worker",
+    "progress_step",
+    "progress_steps",
+    "progress_images_per_second",
+    "progress_eta_seconds",
+    "progress_updated_at",
 )
 
 
@@ -98,6 +105,24 @@ def job_lookup(requests: Any) -> Select[Any]:
         requests.join(keys, _live_key(requests)).outerjoin(
             jobs, (jobs.c.team_id == keys.c.team_id) & (jobs.c.id == requests.c.job_id)
         )
+    )
+
+
+def prefix_lookup(requests: Any) -> Select[Any]:
+    """A short id's resolution, for every request of ``requests`` (columns
+    ``key_hash``, ``pattern`` (``service.job_ids.like_pattern``), ``i``): the key's
+    team, and one row per job of that team whose id matches (``id`` NULL when none
+    does); a key that is not live has no row. Only the key's own team is searched."""
+    keys, jobs = ApiKey.__table__, Job.__table__
+    matches = jobs.c.id.like(requests.c.pattern, escape=job_ids.LIKE_ESCAPE)
+    return (
+        select(requests.c.i, keys.c.team_id.label("key_team_id"), jobs.c.id)
+        .select_from(
+            requests.join(keys, _live_key(requests)).outerjoin(
+                jobs, (jobs.c.team_id == keys.c.team_id) & matches
+            )
+        )
+        .order_by(jobs.c.id)
     )
 
 
@@ -135,6 +160,12 @@ class JobRow:
     error_message: str | None
     summary: dict[str, Any] | None
     spec: dict[str, Any]
+    worker: str | None
+    progress_step: int | None
+    progress_steps: int | None
+    progress_images_per_second: float | None
+    progress_eta_seconds: float | None
+    progress_updated_at: Any
 
 
 @dataclass(frozen=True)
@@ -144,6 +175,15 @@ class KeyedJob:
 
     team_id: str | None
     job: JobRow | None
+
+
+@dataclass(frozen=True)
+class PrefixMatches:
+    """What ``jobs_for_prefix`` found: ``team_id`` None means the key is not live;
+    ``job_ids`` are the team's ids that start with the prefix."""
+
+    team_id: str | None
+    job_ids: list[str]
 
 
 class Reads:
@@ -162,6 +202,22 @@ class Reads:
         if not _plausible(token):
             return KeyedJob(None, None)
         return _keyed_job(await self._job_row(hash_key(token), job_id))
+
+    async def jobs_for_prefix(self, token: str, prefix: str) -> PrefixMatches:
+        """The team's job ids starting with ``prefix`` (a short id, resolved before
+        the poll; never coalesced: a full id, the common case, does not come here)."""
+        if not _plausible(token):
+            return PrefixMatches(None, [])
+        rows = await self._prefix_rows(hash_key(token), job_ids.like_pattern(prefix))
+        if not rows:
+            return PrefixMatches(None, [])
+        return PrefixMatches(
+            rows[0]["key_team_id"], [row["id"] for row in rows if row["id"] is not None]
+        )
+
+    async def _prefix_rows(self, key_hash: str, pattern: str) -> list[Mapping[str, Any]]:
+        """The rows of statement "prefix" for a key hash and LIKE pattern."""
+        raise NotImplementedError
 
     async def _team_row(self, key_hash: str) -> Mapping[str, Any] | None:
         """The row of statement "team" (``id``, ``name``) for a key hash, or None."""
@@ -327,6 +383,7 @@ class PostgresReads(Reads):
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         key_sql = _asyncpg_sql(team_lookup(_batch_of_requests("key_hash")))
         poll_sql = _asyncpg_sql(job_lookup(_batch_of_requests("key_hash", "job_id")))
+        self._prefix_sql = _asyncpg_sql(prefix_lookup(_batch_of_requests("key_hash", "pattern")))
 
         async def key_batch(key_hashes: list[str]) -> list[Mapping[str, Any] | None]:
             return await self._batch(key_sql, len(key_hashes), key_hashes)
@@ -375,6 +432,10 @@ class PostgresReads(Reads):
 
     async def _job_row(self, key_hash: str, job_id: str) -> Mapping[str, Any] | None:
         return await self._polls.get((key_hash, job_id))
+
+    async def _prefix_rows(self, key_hash: str, pattern: str) -> list[Mapping[str, Any]]:
+        sql = self._prefix_sql
+        return list(await self._query(lambda conn: conn.fetch(sql, [key_hash], [pattern])))
 
     async def _batch(self, sql: str, n: int, *arrays: list[str]) -> list[Mapping[str, Any] | None]:
         """Run a batch statement over ``n`` requests; a row (or None) for each, in order
@@ -425,6 +486,7 @@ class ThreadedReads(Reads):
         self._statements = {
             "team": team_lookup(_one_request("key_hash")),
             "job": job_lookup(_one_request("key_hash", "job_id")),
+            "prefix": prefix_lookup(_one_request("key_hash", "pattern")),
         }
 
     def _run(self, name: str, params: dict[str, Any]) -> Mapping[str, Any] | None:
@@ -442,6 +504,16 @@ class ThreadedReads(Reads):
 
     async def _job_row(self, key_hash: str, job_id: str) -> Mapping[str, Any] | None:
         return await self._first("job", {"key_hash": key_hash, "job_id": job_id})
+
+    def _run_all(self, name: str, params: dict[str, Any]) -> list[Mapping[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(self._statements[name], params).mappings()]
+
+    async def _prefix_rows(self, key_hash: str, pattern: str) -> list[Mapping[str, Any]]:
+        from anyio import to_thread
+
+        params = {"key_hash": key_hash, "pattern": pattern}
+        return await to_thread.run_sync(self._run_all, "prefix", params)
 
 
 def make_reads(url: str) -> Reads:

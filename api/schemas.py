@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.reads import JobRow
 from ldreg.spec import DiagnoseSpec, PretrainSpec, storable_text
+from service.errors import error_kind
 from service.models import Artifact, Job
 
 JobStateName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
@@ -51,17 +52,50 @@ class DiagnoseJobCreate(_Request):
 JobCreate = Annotated[PretrainJobCreate | DiagnoseJobCreate, Field(discriminator="kind")]
 
 
+class JobValidation(BaseModel):
+    """The answer to ``POST /v1/jobs?dry_run=true``: the request as a submit would store
+    it (defaults spelled out); nothing was created."""
+
+    valid: Literal[True] = True
+    kind: JobKindName
+    name: str | None
+    spec: dict[str, Any]
+
+
 class Progress(BaseModel):
-    epoch: int
+    epoch: int = Field(description="epochs finished")
     epochs: int
     # Finer than epochs: steps of a training run, or points done in a diagnosis
     # (which has no epochs); null until the worker first reports.
     fraction: float | None = None
+    step: int | None = Field(
+        default=None,
+        description="training steps done, counted across epochs (the metrics' step);"
+        " null until a run reports it, and for a diagnosis",
+    )
+    steps: int | None = Field(default=None, description="training steps of the whole run")
+    images_per_second: float | None = Field(
+        default=None, description="recent training throughput (global batch x steps/s)"
+    )
+    eta_seconds: float | None = Field(
+        default=None,
+        description="estimated seconds left, as of updated_at; null unless running",
+    )
+    updated_at: datetime | None = Field(
+        default=None,
+        description="when the worker last reported progress (every heartbeat while it runs)",
+    )
 
 
 class JobError(BaseModel):
     code: str
     message: str
+    kind: Literal["user", "infrastructure"] = Field(
+        default="infrastructure",
+        description="user: the job's own input failed it (a retry as it is fails the same"
+        " way; change the spec); infrastructure: a lost worker or an unexpected error"
+        " (a retry may succeed)",
+    )
 
 
 class JobOut(BaseModel):
@@ -77,14 +111,28 @@ class JobOut(BaseModel):
     error: JobError | None
     summary: dict[str, Any] | None
     spec: dict[str, Any]
+    worker: str | None = Field(
+        default=None, description="the worker that claimed the job's latest attempt"
+    )
+    queue_position: int | None = Field(
+        default=None,
+        description="in GET /v1/jobs, for a queued job: 1 when it is the next to run in"
+        " its queue (every team's queued jobs, in the order they entered it); else null",
+    )
 
     @classmethod
-    def from_job(cls, job: Job | JobRow) -> JobOut:
+    def from_job(cls, job: Job | JobRow, *, queue_position: int | None = None) -> JobOut:
         """From a ``Job``, or a ``JobRow`` of the poll (api/reads.py), which selects
         exactly the columns read here (``JOB_OUT_COLUMNS``)."""
+        running = job.state in ("running", "cancelling")
         error = None
         if job.error_code is not None or job.error_message is not None:
-            error = JobError(code=job.error_code or "error", message=job.error_message or "")
+            code = job.error_code or "error"
+            error = JobError(
+                code=code,
+                message=job.error_message or "",
+                kind=error_kind(code),  # type: ignore[arg-type]
+            )
         return cls(
             id=job.id,
             kind=job.kind,  # type: ignore[arg-type]
@@ -95,6 +143,11 @@ class JobOut(BaseModel):
                 epoch=job.progress_epoch,
                 epochs=job.progress_epochs,
                 fraction=job.progress_fraction,
+                step=job.progress_step,
+                steps=job.progress_steps,
+                images_per_second=job.progress_images_per_second,
+                eta_seconds=job.progress_eta_seconds if running else None,
+                updated_at=job.progress_updated_at,
             ),
             created_at=job.created_at,
             started_at=job.started_at,
@@ -102,6 +155,8 @@ class JobOut(BaseModel):
             error=error,
             summary=job.summary,
             spec=job.spec,
+            worker=job.worker,
+            queue_position=queue_position,
         )
 
 

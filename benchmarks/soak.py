@@ -33,8 +33,9 @@ one of each other kind, in an order drawn from ``--seed``:
 
 Then the jobs are topped up to ``--jobs`` (queued behind each other), and once every
 job is terminal (or ``--timeout`` has passed since the start) each is checked: its
-final state; duplicated epochs (every metric point is an epoch's, written by the
-worker's sink at the epoch's end, so an epoch may appear at most once per series);
+final state; duplicated epochs (an epoch-level series, such as ``epoch_seconds`` or the
+evaluations, has its points written by the worker's sink at the epoch's end, so an
+epoch may appear at most once in it; the loss terms also have per-step points);
 missing epochs (the ``loss`` series must cover 1..epochs); double runs (two attempts of
 one job alive at once: from the job's events, and from the workers' JSON log lines,
 which carry ``job_id`` and ``attempt``). Exit status 0 only if every job succeeded,
@@ -572,6 +573,10 @@ class JobCheck:
     double_runs: list[str] = field(default_factory=list)
 
 
+# The series the trainer also reports at every step (ldreg.train's step metrics).
+STEP_SERIES = frozenset({"loss", "ssl_loss", "ldreg_loss", "lr", "ldreg_lid_gmean"})
+
+
 def parse_ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -585,6 +590,8 @@ def check_job(soak: Soak, job_id: str, spans_in_logs: dict) -> JobCheck:
     check = JobCheck(job_id, job["state"], job["attempt"], error.get("code", ""))
     series = soak.api.get(f"/v1/jobs/{job_id}/metrics", soak.deadline)["series"]
     for name, points in sorted(series.items()):
+        if name in STEP_SERIES:
+            continue  # a point per step besides the epoch's own
         counts = Counter(p["epoch"] for p in points)
         check.duplicated += [f"{name}@{e}" for e, n in sorted(counts.items()) if n > 1]
     if job["state"] == "succeeded":

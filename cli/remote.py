@@ -1,5 +1,8 @@
-"""HTTP client commands: ``ldreg submit``, ``jobs``, ``status``, ``watch``, ``metrics``,
-``cancel``, ``retry``, ``download``, ``diagnose``, ``compare``.
+"""HTTP client commands: ``ldreg submit``, ``jobs``, ``status``, ``watch``, ``logs``,
+``metrics``, ``cancel``, ``retry``, ``artifacts``, ``download``, ``diagnose``, ``compare``.
+
+Every JOB argument takes a job id or a unique prefix of at least 6 characters of one
+(the API resolves it among the team's jobs).
 
 Built on ``client.LDRegClient``; the server and key come from ``--url`` / ``--api-key``
 or ``LDREG_URL`` / ``LDREG_API_KEY``. Any failure is ONE line on stderr and a non-zero
@@ -13,6 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -31,13 +36,16 @@ from cli.common import fail, read_mapping
 from client import (
     DEFAULT_URL,
     ApiError,
+    Artifact,
     ClientError,
+    Comparison,
     Job,
     JobTimeout,
     LDRegClient,
     MetricPoint,
     MissingApiKey,
     ServiceUnreachable,
+    apply_overrides,
 )
 
 # Metrics shown by `watch` and `status`, in this order (docs/science.md's names).
@@ -62,7 +70,12 @@ ApiKey = Annotated[
     typer.Option("--api-key", envvar="LDREG_API_KEY", help="team API key", show_default=False),
 ]
 DISTANCE_KEYS = ("gmean_baseline", "gmean", "fisher_rao", "log_ratio", "wasserstein_log_lid")
-JobArg = Annotated[str, typer.Argument(help="job id", show_default=False)]
+JobArg = Annotated[
+    str, typer.Argument(help="job id, or a unique prefix of 6+ characters", show_default=False)
+]
+# ldreg.train.STOP_POLL_STEPS (not imported: no torch here; tests/test_client_cli.py
+# checks the two agree): a running job checks for a stop request every this many steps.
+STOP_POLL_STEPS = 5
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -119,6 +132,54 @@ def _progress_text(job: Job) -> str:
     return f"{p.epoch}/{p.epochs}" if p.epochs else "-"
 
 
+def _position_text(job: Job) -> str:
+    """Where a job is: its place in the queue, or the worker running it."""
+    if job.state == "queued" and job.queue_position is not None:
+        return f"#{job.queue_position} in queue"
+    if job.state in ("running", "cancelling") and job.worker:
+        return job.worker
+    return "-"
+
+
+def _step_text(job: Job) -> str:
+    """``epoch 2/10 step 37/120`` (the epoch in progress) while a run reports steps,
+    else the epochs finished; a diagnosis' share of points done."""
+    p = job.progress
+    in_epoch = p.epoch_step
+    if job.state in ("running", "cancelling") and in_epoch is not None and p.epoch < p.epochs:
+        step, steps = in_epoch
+        return f"epoch {p.epoch + 1}/{p.epochs} step {step}/{steps}"
+    if p.epochs:
+        return f"epoch {p.epoch}/{p.epochs}"
+    return f"{100 * p.fraction:.0f}% done" if p.fraction is not None else ""
+
+
+def _server_eta(job: Job) -> float | None:
+    """The worker's estimate, less the time since it made it."""
+    p = job.progress
+    if p.eta_seconds is None or job.state not in ("running", "cancelling"):
+        return None
+    if p.updated_at is None:
+        return p.eta_seconds
+    return max(0.0, p.eta_seconds - (datetime.now(UTC) - p.updated_at).total_seconds())
+
+
+def _progress_line(job: Job, latest: dict[str, MetricPoint], eta: float | None) -> str:
+    """One plain line: state, epoch/step, share done, images/s, ETA, latest metrics."""
+    p = job.progress
+    parts = [job.state, _step_text(job)]
+    if p.epochs:  # (a diagnosis' share is in its step text)
+        parts.append(f"{100 * p.done:.0f}%")
+    if p.images_per_second is not None and job.state in ("running", "cancelling"):
+        parts.append(f"{p.images_per_second:,.0f} img/s")
+    if eta is not None and not job.finished:
+        parts.append(f"ETA {_fmt_duration(eta)}")
+    metrics_text = _metrics_line(latest)
+    if metrics_text:
+        parts.append(metrics_text)
+    return "  ".join(part for part in parts if part)
+
+
 def _latest(series: dict[str, list[MetricPoint]]) -> dict[str, MetricPoint]:
     return {name: max(points, key=lambda p: p.step) for name, points in series.items() if points}
 
@@ -163,7 +224,9 @@ def _print_job(job: Job) -> None:
         table.add_row("method", f"{job.method or '-'}  (LDReg {_ldreg_label(job)})")
     table.add_row("state", job.state)
     table.add_row("attempt", str(job.attempt))
-    table.add_row("progress", f"epoch {_progress_text(job)}" if job.progress.epochs else "-")
+    table.add_row("progress", _progress_line(job, {}, _server_eta(job)).partition("  ")[2] or "-")
+    if job.worker and job.state in ("running", "cancelling"):
+        table.add_row("worker", job.worker)
     table.add_row("created", _fmt_time(job.created_at))
     table.add_row("started", _fmt_time(job.started_at))
     table.add_row("finished", _fmt_time(job.finished_at))
@@ -231,42 +294,100 @@ def _load_spec(path: Path, kind: str | None) -> tuple[str, dict[str, Any], str |
     return kind, doc, name
 
 
-def _watch(api: LDRegClient, job_id: str, interval: float) -> Job:
-    """A live progress bar (epoch/epochs) with the latest metrics, until the job ends."""
+def _updates(
+    api: LDRegClient, job_id: str, interval: float
+) -> Iterator[tuple[Job, dict[str, list[MetricPoint]]]]:
+    """Each poll's job and every metric point so far, until (and including) the poll
+    that finds it finished."""
+    series: dict[str, list[MetricPoint]] = {}
+    last_step: int | None = None
+    while True:
+        job = api.job(job_id)
+        job_id = job.id  # a prefix is resolved once
+        for name, points in api.metrics(job_id, since=last_step).items():
+            series.setdefault(name, []).extend(points)
+        steps = [p.step for pts in series.values() for p in pts]
+        last_step = max(steps) if steps else None
+        yield job, series
+        if job.finished:
+            return
+        time.sleep(interval)
+
+
+def _watch(api: LDRegClient, job_id: str, interval: float, console: Console | None = None) -> Job:
+    """Follow the job until it ends: a live progress bar on a terminal, else one plain
+    line per change (for logs and pipes)."""
+    console = console or out
+    if console.is_terminal:
+        return _watch_live(api, job_id, interval, console)
+    return _watch_lines(api, job_id, interval, console)
+
+
+def _eta(job: Job, series: dict[str, list[MetricPoint]]) -> float | None:
+    eta = _server_eta(job)
+    return eta if eta is not None else _eta_seconds(job, series)
+
+
+def _watch_lines(api: LDRegClient, job_id: str, interval: float, console: Console) -> Job:
+    """One line, with the local time, whenever the job's state, progress or latest
+    metrics change (never rich's control codes, which a file or pipe would keep)."""
+    shown = None
+    job = None
+    for job, series in _updates(api, job_id, interval):
+        latest = _latest(series)
+        # The ETA counts down on its own: a new line only when something else changed.
+        key = _progress_line(job, latest, None)
+        if key != shown:
+            shown = key
+            line = _progress_line(job, latest, _eta(job, series))
+            stamp = datetime.now().strftime("%H:%M:%S")
+            console.file.write(f"{stamp} {job.name or job.id[:12]}  {line}\n")
+            console.file.flush()
+    assert job is not None
+    return job
+
+
+def _watch_live(api: LDRegClient, job_id: str, interval: float, console: Console) -> Job:
+    """A live progress bar with the latest metrics: it moves with every step the worker
+    reports (steps across epochs), the text saying which epoch and step."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[epochs]}"),
+        TextColumn("{task.fields[where]}"),
+        TextColumn("{task.fields[speed]}"),
         TextColumn("ETA {task.fields[eta]}"),
-        console=out,
+        console=console,
     )
-    task = progress.add_task("queued", total=None, eta="-", epochs="")
-    series: dict[str, list[MetricPoint]] = {}
-    last_step: int | None = None
-
-    with Live(Group(progress, ""), console=out, refresh_per_second=4, transient=False) as live:
-        while True:
-            job = api.job(job_id)
-            for name, points in api.metrics(job_id, since=last_step).items():
-                series.setdefault(name, []).extend(points)
-            steps = [p.step for pts in series.values() for p in pts]
-            last_step = max(steps) if steps else None
+    task = progress.add_task("queued", total=None, eta="-", where="", speed="")
+    job = None
+    with Live(Group(progress, ""), console=console, refresh_per_second=4, transient=False) as live:
+        for job, series in _updates(api, job_id, interval):
+            p = job.progress
+            total: float | None
+            if p.steps and p.step is not None and not job.finished:
+                completed, total = float(p.step), float(p.steps)
+            elif p.epochs:
+                completed, total = float(p.epoch), float(p.epochs)
+            else:
+                # A diagnosis: the share of points done once the worker reports it, a
+                # pulsing bar before that.
+                completed = p.done
+                total = 1.0 if job.finished or p.fraction is not None else None
+            running = job.state in ("running", "cancelling")
             progress.update(
                 task,
                 description=f"{job.name or job.id[:12]} {job.state}",
-                # Without epochs (a diagnosis): the share of points done once the
-                # worker reports it, a pulsing bar before that.
-                completed=job.progress.epoch if job.progress.epochs else job.progress.done,
-                total=job.progress.epochs
-                or (1 if job.finished or job.progress.fraction is not None else None),
-                eta=_fmt_duration(_eta_seconds(job, series)),
-                epochs=f"epoch {_progress_text(job)}" if job.progress.epochs else "",
+                completed=completed,
+                total=total,
+                eta=_fmt_duration(_eta(job, series)),
+                where=_step_text(job),
+                speed=f"{p.images_per_second:,.0f} img/s"
+                if running and p.images_per_second is not None
+                else "",
             )
             live.update(Group(progress, _metrics_line(_latest(series)) or "waiting for metrics"))
-            if job.finished:
-                break
-            time.sleep(interval)
+    assert job is not None
     return job
 
 
@@ -282,8 +403,46 @@ def _finish(job: Job) -> None:
 # Commands -----------------------------------------------------------------------------
 
 
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` of ``--set``: a dotted field and a YAML value (numbers, true,
+    null, [16, 32], or text). Exit 2 when it is not of that form."""
+    import yaml
+
+    path, sep, raw = text.partition("=")
+    path = path.strip()
+    if not sep or not path or not all(path.split(".")):
+        fail(f"--set {text!r}: expected FIELD=VALUE, e.g. --set ldreg.alpha=0.05", 2)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not a YAML value"
+        fail(f"--set {text!r}: the value is not valid YAML ({problem}); quote text", 2)
+    # YAML 1.1 reads 1e-5 (no dot) as text; in a spec it is always meant as a number.
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
+    return path, value
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def submit(
-    spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)")],
+    spec_file: Annotated[
+        Path | None,
+        typer.Argument(help="job spec (YAML or JSON); or --from JOB", show_default=False),
+    ] = None,
+    from_job: Annotated[
+        str | None,
+        typer.Option("--from", help="start from this job's kind and spec (id or prefix)"),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="FIELD=VALUE: change one spec field, e.g. ldreg.alpha=0.05 or ldreg=null"
+            " (a YAML value; repeat)",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="watch the job until it ends")] = False,
     name: Annotated[str | None, typer.Option("--name", help="a name for the job")] = None,
     kind: Annotated[
@@ -295,14 +454,35 @@ def submit(
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Submit a job; prints its id (and with --wait, watches it to the end)."""
-    kind, spec, file_name = _load_spec(spec_file, kind)
+    """Submit a job from a spec file, or a copy of an earlier job (--from) with some
+    fields changed (--set); prints its id (and with --wait, follows it to the end)."""
+    if spec_file is not None and from_job is not None:
+        fail("pick one: a spec file or --from JOB, not both", 2)
+    if spec_file is None and from_job is None:
+        fail("nothing to submit: pass a spec file, or --from JOB to copy a job's spec", 2)
+    changes = [_parse_override(text) for text in overrides or []]
+    file_name = None
+    if spec_file is not None:
+        kind, spec, file_name = _load_spec(spec_file, kind)
     with _api(url, api_key) as api:
+        if from_job is not None:
+            source = api.job(from_job)
+            kind, spec = kind or source.kind, source.spec
+        assert kind is not None
+        spec = apply_overrides(spec, changes)
         job = api.submit(kind, spec, name=name or file_name, idempotency_key=idempotency_key)
-        err.print(f"submitted {job.kind} job {job.id} ({job.state})")
-        print(job.id)
+        origin = f" from {source.id}" if from_job is not None else ""
+        changed = ", ".join(text.strip() for text in overrides or [])
+        err.print(
+            f"submitted {job.kind} job {job.id} ({job.state}){origin}"
+            + (f" with {changed}" if changed else ""),
+            markup=False,
+            highlight=False,
+        )
+        print(job.id, flush=True)
         if wait:
-            _finish(_watch(api, job.id, interval=1.0))
+            # Progress on stderr: stdout stays the job's id, for $(ldreg submit ...).
+            _finish(_watch(api, job.id, interval=1.0, console=err))
 
 
 def jobs(
@@ -322,7 +502,7 @@ def jobs(
         return
     table = Table(box=None, pad_edge=False)
     table.add_column("ID", no_wrap=True, min_width=32)
-    for col in ("NAME", "KIND", "METHOD", "LDREG", "STATE", "EPOCH", "CREATED"):
+    for col in ("NAME", "KIND", "METHOD", "LDREG", "STATE", "EPOCH", "QUEUE/WORKER", "CREATED"):
         table.add_column(col, no_wrap=True)
     for job in found:
         table.add_row(
@@ -333,6 +513,7 @@ def jobs(
             _ldreg_label(job),
             job.state,
             _progress_text(job),
+            _position_text(job),
             _fmt_time(job.created_at),
         )
     # Piped output keeps whole ids on one line instead of rich's default 80 columns.
@@ -368,6 +549,43 @@ def watch(
     """Live progress bar and latest metrics until the job ends (exit 1 unless it succeeded)."""
     with _api(url, api_key) as api:
         _finish(_watch(api, job_id, interval))
+
+
+def logs(
+    job_id: JobArg,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="keep printing new lines until the job ends")
+    ] = False,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="this attempt's log (default: latest)")
+    ] = None,
+    tail: Annotated[
+        int | None, typer.Option("--tail", "-n", min=0, help="only the last N lines first")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """A job's log (the worker's lines for it, its stdout and stderr); -f follows it
+    live until the job ends (Ctrl-C stops following, the job runs on)."""
+    with _api(url, api_key) as api:
+        if not follow:
+            sys.stdout.write(api.logs(job_id, attempt=attempt, tail=tail))
+            sys.stdout.flush()
+            return
+        lines = api.logs(job_id, follow=True, attempt=attempt, tail=tail)
+        try:
+            for line in lines:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            lines.close()
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # `ldreg logs -f JOB | head`: the reader has gone
+            lines.close()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+        job = api.job(job_id)
+        err.print(f"job {job.id} {job.state}")
 
 
 def metrics(
@@ -417,10 +635,28 @@ def metrics(
 
 
 def cancel(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Ask a job to stop; a running job stops within a few steps."""
+    """Ask a job to stop: a queued job ends at once; a running one once its worker has
+    seen the request (next heartbeat) and reached its next stop check (every 5 steps)."""
     with _api(url, api_key) as api:
         job = api.cancel(job_id)
     print(f"{job.id} {job.state}")
+    err.print(_cancel_note(job), markup=False, highlight=False)
+
+
+def _cancel_note(job: Job) -> str:
+    """What happens next, and roughly when."""
+    if job.state == "cancelled":
+        return f"job {job.id} had not started: cancelled at once"
+    p = job.progress
+    batch = job.spec.get("batch_size")
+    when = f"within {STOP_POLL_STEPS} training steps after that"
+    if p.images_per_second and isinstance(batch, int) and batch > 0:
+        when += f" (~{STOP_POLL_STEPS * batch / p.images_per_second:.1f}s at its current speed)"
+    return (
+        f"job {job.id} is stopping: its worker sees the request at its next heartbeat"
+        f" (every few seconds) and stops {when}; an evaluation already under way"
+        f" finishes first. `ldreg watch {job.id[:8]}` follows it to 'cancelled'"
+    )
 
 
 def retry(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
@@ -430,18 +666,84 @@ def retry(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> Non
     print(f"{job.id} {job.state}")
 
 
+def _fmt_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # unreachable; for the type checker
+
+
+def _print_artifacts(artifacts: list[Artifact]) -> None:
+    table = Table(box=None, pad_edge=False)
+    table.add_column("NAME", no_wrap=True)
+    table.add_column("SIZE", justify="right", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    for artifact in artifacts:
+        table.add_row(artifact.name, _fmt_size(artifact.size), _fmt_time(artifact.created_at))
+    (out if out.is_terminal else Console(width=200)).print(table)
+
+
+def artifacts(
+    job_id: JobArg,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """A job's artifacts (checkpoints, the backbone, per-point LIDs, logs): name, size,
+    created."""
+    with _api(url, api_key) as api:
+        found = api.artifacts(job_id)
+    if as_json:
+        for artifact in found:
+            print(artifact.model_dump_json())
+        return
+    if not found:
+        err.print("no artifacts (yet)")
+        return
+    _print_artifacts(found)
+
+
 def download(
     job_id: JobArg,
-    name: Annotated[str, typer.Argument(help="artifact name (see `ldreg status`)")],
+    name: Annotated[
+        str | None,
+        typer.Argument(help="artifact name; without it, list them", show_default=False),
+    ] = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="file or folder (default: here)")
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="a file, a folder (existing, or ending in /) to put it in under its own"
+            " name, or - for stdout (default: here)",
+        ),
     ] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Download one of a job's artifacts (checkpoint, per-point LIDs, ...)."""
+    """Download one of a job's artifacts (checkpoint, per-point LIDs, ...); prints where
+    it went. Without a NAME: what there is to download."""
     with _api(url, api_key) as api:
-        path = api.download(job_id, name, output)
+        if name is None:
+            found = api.artifacts(job_id)
+            if not found:
+                err.print("no artifacts (yet)")
+                return
+            _print_artifacts(found)
+            err.print("download one: ldreg download JOB NAME [-o FILE|DIR/|-]")
+            return
+        if output == "-":
+            api.stream_artifact(job_id, name, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        try:
+            path = api.download(job_id, name, output)
+        except OSError as exc:
+            fail(f"cannot write {output or name}: {exc.strerror or exc}", 2)
     print(path)
 
 
@@ -478,52 +780,91 @@ def diagnose(
 
 
 def compare(
-    job_ids: Annotated[list[str], typer.Argument(help="two or more job ids")],
+    job_ids: Annotated[
+        list[str],
+        typer.Argument(help="two or more job ids (or prefixes); the first is the baseline"),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="the API's JSON")] = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Two or more jobs side by side: spec differences and final metrics."""
+    """Two or more jobs side by side: first the spec fields that differ, then final
+    metrics (latest ones, marked, for a job still running) and LID distances."""
     if len(job_ids) < 2:
         fail("compare needs at least two job ids", 2)
     with _api(url, api_key) as api:
         result = api.compare(job_ids)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(result.model_dump_json(indent=2))
         return
     _print_comparison(result)
 
 
-def _print_comparison(result: dict[str, Any]) -> None:
-    """Jobs as columns (the first is the baseline), then each job's LID distances to it."""
-    jobs_ = result.get("jobs") or []
+def _spec_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value)
+
+
+def _job_label(job: Job) -> str:
+    return job.name or job.id[:12]
+
+
+def _as_of(job: Any) -> str:
+    """Whether a compared job's values are final, or as of which epoch/step."""
+    m = job.metrics
+    if m.final:
+        return f"final ({job.state})"
+    if m.as_of_step is None:
+        return f"{job.state}, no metrics yet"
+    return f"{job.state}: as of epoch {m.as_of_epoch}, step {m.as_of_step}"
+
+
+def _print_comparison(result: Comparison) -> None:
+    """The spec fields that differ, then jobs as columns (the first is the baseline)
+    with their metrics, then each job's LID distances to the baseline."""
+    jobs_ = result.jobs
+    labels = [_job_label(j) for j in jobs_]
+    if result.spec_diff:
+        diff = Table(title="spec differences")
+        diff.add_column("field", style="bold", no_wrap=True)
+        for label in labels:
+            diff.add_column(label)
+        for d in result.spec_diff:
+            diff.add_row(d.field, *[_spec_value(v) for v in d.values])
+        out.print(diff)
+    else:
+        out.print("specs: identical")
+
     table = Table(title="first job = baseline")
     table.add_column("", style="bold")
-    for j in jobs_:
-        table.add_column(j.get("name") or j.get("id", "")[:12], justify="right")
-    job_models = [Job.model_validate(j) for j in jobs_]
-    table.add_row("id", *[j.id[:12] for j in job_models])
-    table.add_row("state", *[j.state for j in job_models])
-    table.add_row("kind", *[j.kind for j in job_models])
-    table.add_row("method", *[j.method or "-" for j in job_models])
-    table.add_row("LDReg", *[_ldreg_label(j) for j in job_models])
-    finals = [_final_values(j) for j in jobs_]
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_row("id", *[j.id[:12] for j in jobs_])
+    table.add_row("state", *[j.state for j in jobs_])
+    table.add_row("kind", *[j.kind for j in jobs_])
+    table.add_row("method", *[j.method or "-" for j in jobs_])
+    table.add_row("LDReg", *[_ldreg_label(j) for j in jobs_])
+    table.add_row("metrics", *[_as_of(j) for j in jobs_])
+    finals = [j.metrics.values for j in jobs_]
     names = [n for n in KEY_METRICS if any(n in f for f in finals)]
     names += sorted({n for f in finals for n in f} - set(names) - {"epoch_seconds", "lr"})
     for name in names:
         table.add_row(name, *[_fmt_value(f[name]) if name in f else "" for f in finals])
     lid_keys = sorted(
-        {(e, k) for j in jobs_ for e, by_k in (j.get("lid_gmean") or {}).items() for k in by_k},
+        {(e, k) for j in jobs_ for e, by_k in j.lid_gmean.items() for k in by_k},
         key=lambda ek: (ek[0], int(ek[1])),
     )
     for e, k in lid_keys:
-        values = [((j.get("lid_gmean") or {}).get(e) or {}).get(k) for j in jobs_]
+        values = [(j.lid_gmean.get(e) or {}).get(k) for j in jobs_]
         table.add_row(f"LID {e} k={k}", *[_fmt_value(v) if v is not None else "" for v in values])
     out.print(table)
 
-    rows = [(d["job_id"], x) for d in result.get("distances") or [] for x in d.get("lid") or []]
+    rows = [(d["job_id"], x) for d in result.distances for x in d.get("lid") or []]
     if rows:
-        names_by_id = {j.id: j.name or j.id[:12] for j in job_models}
+        names_by_id = {j.id: _job_label(j) for j in jobs_}
         dist = Table(title="LID distances to the baseline")
         for col in ("job", "estimator", "k", "baseline", "LID", "Fisher-Rao", "ln ratio", "W1"):
             dist.add_column(col, justify="left" if col in ("job", "estimator") else "right")
@@ -538,16 +879,3 @@ def _print_comparison(result: dict[str, Any]) -> None:
                 ],
             )
         out.print(dist)
-
-
-def _final_values(job: dict[str, Any]) -> dict[str, Any]:
-    """Final values of one job of a comparison: its summary's scalars (a diagnose
-    summary's nested LID tables are shown apart)."""
-    values: dict[str, Any] = {}
-    for name, points in (job.get("series") or {}).items():
-        if points:
-            values[name] = max(points, key=lambda p: p.get("step", 0)).get("value")
-    for name, value in (job.get("summary") or {}).items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            values[name] = value
-    return values

@@ -118,6 +118,9 @@ def api(
         proxy_headers=True,
         log_level="info",
         access_log=access_log,
+        # Open log streams (GET /v1/jobs/{id}/logs?follow=true) last until their job
+        # ends; a stop waits this long for them, then closes them.
+        timeout_graceful_shutdown=5,
     )
 
 

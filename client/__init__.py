@@ -8,7 +8,7 @@ The ``ldreg`` command line is built on it; teams use it to script sweeps:
         ids = [api.submit("pretrain", {"method": "simclr", "ldreg": ldreg}).id
                for ldreg in (None, {"alpha": 0.01})]
         finished = [api.wait(i) for i in ids]
-        print(api.compare(ids))
+        print(api.compare(ids).spec_diff)
 
 It imports httpx and pydantic only (never torch).
 """
@@ -19,13 +19,18 @@ from client.models import (
     ACTIVE_STATES,
     FINISHED_STATES,
     Artifact,
+    ComparedJob,
+    Comparison,
     Event,
     Job,
     JobError,
+    JobMetrics,
     MetricPoint,
     Progress,
+    SpecDifference,
     Upload,
 )
+from client.spec import apply_overrides
 
 __all__ = [
     "ACTIVE_STATES",
@@ -34,14 +39,19 @@ __all__ = [
     "ApiError",
     "Artifact",
     "ClientError",
+    "ComparedJob",
+    "Comparison",
     "Event",
     "Job",
     "JobError",
+    "JobMetrics",
     "JobTimeout",
     "LDRegClient",
     "MetricPoint",
     "MissingApiKey",
     "Progress",
     "ServiceUnreachable",
+    "SpecDifference",
     "Upload",
+    "apply_overrides",
 ]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal, overload
 
 import httpx
 
 from client.errors import ApiError, JobTimeout, MissingApiKey, ServiceUnreachable
-from client.models import Artifact, Event, Job, MetricPoint, Upload
+from client.models import Artifact, Comparison, Event, Job, MetricPoint, Upload
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PAGE_SIZE = 100
@@ -33,7 +33,9 @@ class LDRegClient:
 
     ``url`` and ``api_key`` default to ``LDREG_URL`` (else http://127.0.0.1:8000) and
     ``LDREG_API_KEY``. Every error status the API answers with raises ``ApiError``;
-    no answer at all raises ``ServiceUnreachable``.
+    no answer at all raises ``ServiceUnreachable``. Wherever a method takes a
+    ``job_id``, a unique prefix of at least 6 characters of one of the team's job ids
+    does too (an ambiguous one is a 409 ``ApiError``, a shorter one a 422).
     """
 
     def __init__(
@@ -126,6 +128,83 @@ class LDRegClient:
         body = self._json("GET", f"/v1/jobs/{job_id}/events")
         return [Event.model_validate(e) for e in _items(body, "events")]
 
+    @overload
+    def logs(
+        self,
+        job_id: str,
+        follow: Literal[False] = False,
+        attempt: int | None = None,
+        *,
+        tail: int | None = None,
+    ) -> str: ...
+
+    @overload
+    def logs(
+        self,
+        job_id: str,
+        follow: Literal[True],
+        attempt: int | None = None,
+        *,
+        tail: int | None = None,
+    ) -> Generator[str, None, None]: ...
+
+    def logs(
+        self,
+        job_id: str,
+        follow: bool = False,
+        attempt: int | None = None,
+        *,
+        tail: int | None = None,
+    ) -> str | Generator[str, None, None]:
+        """An attempt's log (the latest attempt's unless ``attempt``): the worker's log
+        lines for the job and its stdout and stderr.
+
+        Without ``follow``, the whole log as it is now, as one string. With
+        ``follow=True``, an iterator of its lines (without their newlines), old ones
+        first, then new ones as they are written, that ends once the job has finished
+        (for an explicit ``attempt``, once that attempt is over). Following the latest
+        attempt goes on to the next one when the job is retried or resumed, after a line
+        ``==> attempt N <==``. ``tail`` keeps only the last lines that were there."""
+        if not self.api_key:
+            raise MissingApiKey(
+                "no API key: pass LDRegClient(api_key=...) or set the LDREG_API_KEY"
+                " environment variable"
+            )
+        params: dict[str, Any] = {}
+        if attempt is not None:
+            params["attempt"] = attempt
+        if tail is not None:
+            params["tail"] = tail
+        if follow:
+            return self._follow_logs(job_id, params)
+        parts: list[bytes] = []
+        while True:
+            response = self._request("GET", f"/v1/jobs/{job_id}/logs", params=params)
+            parts.append(response.content)
+            offset = int(response.headers.get("X-Log-Offset", 0))
+            size = int(response.headers.get("X-Log-Size", 0))
+            if offset >= size or not response.content:
+                return b"".join(parts).decode("utf-8", errors="replace")
+            # More than one read's worth: go on from where this one ended, same attempt.
+            params.update(since=offset, attempt=int(response.headers["X-Log-Attempt"]))
+            params.pop("tail", None)
+
+    def _follow_logs(self, job_id: str, params: dict[str, Any]) -> Generator[str, None, None]:
+        # No read timeout: a followed log may be quiet for long (a queued job, a slow
+        # evaluation).
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        path = f"/v1/jobs/{job_id}/logs"
+        try:
+            with self._http.stream(
+                "GET", path, params={**params, "follow": "true"}, timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError.from_response(response)
+                yield from response.iter_lines()
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"the log stream from {self.url} broke: {exc}") from exc
+
     def cancel(self, job_id: str) -> Job:
         """Ask a queued or running job to stop (cooperative); 409 once it has finished."""
         return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
@@ -139,28 +218,42 @@ class LDRegClient:
         return [Artifact.model_validate(a) for a in _items(body, "artifacts")]
 
     def download(self, job_id: str, name: str, dest: str | Path | None = None) -> Path:
-        """Stream artifact ``name`` to ``dest`` (a file, or a folder to put it in; the
-        current folder by default). Written to a temporary name first, so a broken
-        transfer never leaves a truncated file under the final name."""
-        dest = Path(dest) if dest is not None else Path.cwd()
-        target = dest / Path(name).name if dest.is_dir() else dest
+        """Stream artifact ``name`` to ``dest`` and return the file's path.
+
+        ``dest`` is a file, or a folder to put it in under the artifact's own name: an
+        existing folder, or a path ending in ``/`` (created when missing); the current
+        folder by default. Written to a temporary name first, so a broken transfer
+        never leaves a truncated file under the final name."""
+        folder = dest is None or str(dest).endswith(("/", os.sep))
+        path = Path(dest) if dest is not None else Path.cwd()
+        if folder:
+            path.mkdir(parents=True, exist_ok=True)
+        target = path / Path(name).name if folder or path.is_dir() else path
         partial = target.with_name(target.name + ".part")
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ApiError.from_response(response)
-                with open(partial, "wb") as out:
-                    for chunk in response.iter_bytes(1 << 20):
-                        out.write(chunk)
-        except httpx.TransportError as exc:
-            partial.unlink(missing_ok=True)
-            raise ServiceUnreachable(f"transfer from {self.url} failed: {exc}") from exc
+            with open(partial, "wb") as out:
+                self.stream_artifact(job_id, name, out)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(target)
         return target
+
+    def stream_artifact(self, job_id: str, name: str, out: BinaryIO) -> int:
+        """Write artifact ``name``'s bytes to the binary file object ``out`` as they
+        arrive (e.g. ``sys.stdout.buffer``); returns the number of bytes written."""
+        written = 0
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError.from_response(response)
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"transfer from {self.url} failed: {exc}") from exc
+        return written
 
     def upload(self, path: str | Path) -> Upload:
         """Upload embeddings (.npy / .npz) for a diagnose job."""
@@ -169,10 +262,12 @@ class LDRegClient:
             files = {"file": (path.name, f, "application/octet-stream")}
             return Upload.model_validate(self._json("POST", "/v1/uploads", files=files))
 
-    def compare(self, job_ids: Sequence[str]) -> dict[str, Any]:
-        """Two or more jobs side by side (``GET /v1/compare?jobs=A,B``), as the API
-        returns it."""
-        return self._json("GET", "/v1/compare", params={"jobs": ",".join(job_ids)})
+    def compare(self, job_ids: Sequence[str]) -> Comparison:
+        """Two or more jobs side by side (``GET /v1/compare?jobs=A,B``): the spec fields
+        that differ, each job's final (or, while it runs, latest) metrics, and LID
+        distances to the first job."""
+        body = self._json("GET", "/v1/compare", params={"jobs": ",".join(job_ids)})
+        return Comparison.model_validate(body)
 
     def wait(
         self,
@@ -216,18 +311,24 @@ class LDRegClient:
     def _json(self, method: str, path: str, *, authenticated: bool = True, **kwargs: Any) -> Any:
         if authenticated and not self.api_key:
             raise MissingApiKey(
-                "no API key: pass --api-key or set LDREG_API_KEY "
-                "(a new team's key is printed by `ldreg admin create-team NAME`)"
+                "no API key: pass LDRegClient(api_key=...) or set the LDREG_API_KEY"
+                " environment variable"
             )
+        response = self._request(method, path, **kwargs)
+        if not response.content:
+            return {}
+        return response.json()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response to a request; ``ApiError`` for an error status,
+        ``ServiceUnreachable`` when there was no answer."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ServiceUnreachable(f"cannot reach the LDReg API at {self.url}: {exc}") from exc
         if response.status_code >= 400:
             raise ApiError.from_response(response)
-        if not response.content:
-            return {}
-        return response.json()
+        return response
 
 
 def _items(body: Any, key: str) -> list[Any]:

@@ -20,10 +20,16 @@ class _Model(BaseModel):
 
 
 class Progress(_Model):
-    epoch: int = 0
+    epoch: int = 0  # epochs finished
     epochs: int = 0
     # The server's finer measure (steps of a run, points of a diagnosis), when reported.
     fraction: float | None = None
+    # A training run's steps done and in all, counted across epochs (as metrics' steps).
+    step: int | None = None
+    steps: int | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None  # as of updated_at; None unless running
+    updated_at: datetime | None = None
 
     @property
     def done(self) -> float:
@@ -32,10 +38,27 @@ class Progress(_Model):
             return self.fraction
         return self.epoch / self.epochs if self.epochs else 0.0
 
+    @property
+    def steps_per_epoch(self) -> int | None:
+        if not self.steps or not self.epochs:
+            return None
+        return self.steps // self.epochs
+
+    @property
+    def epoch_step(self) -> tuple[int, int] | None:
+        """``(step, steps)`` within the epoch in progress (the one after ``epoch``)."""
+        per_epoch = self.steps_per_epoch
+        if self.step is None or not per_epoch:
+            return None
+        return min(max(self.step - self.epoch * per_epoch, 0), per_epoch), per_epoch
+
 
 class JobError(_Model):
     code: str
     message: str
+    # "user": the job's input failed it (retrying it unchanged fails again);
+    # "infrastructure": a lost worker or an unexpected error (a retry may succeed).
+    kind: str | None = None
 
 
 class Job(_Model):
@@ -51,6 +74,8 @@ class Job(_Model):
     error: JobError | None = None
     summary: dict[str, Any] | None = None
     spec: dict[str, Any] = Field(default_factory=dict)
+    worker: str | None = None  # the worker that claimed its latest attempt
+    queue_position: int | None = None  # in a job list, for a queued job: 1 = next to run
 
     @property
     def finished(self) -> bool:
@@ -99,3 +124,36 @@ class Upload(_Model):
     d: int | None = Field(default=None, description="dimensions (columns)")
     dtype: str | None = None
     has_labels: bool | None = None
+
+
+class JobMetrics(_Model):
+    """A compared job's metric values: final once it has finished, else the latest
+    as of ``as_of_epoch`` / ``as_of_step``."""
+
+    final: bool = False
+    as_of_epoch: int | None = None
+    as_of_step: int | None = None
+    values: dict[str, float] = Field(default_factory=dict)
+
+
+class ComparedJob(Job):
+    lid_gmean: dict[str, dict[str, float]] = Field(default_factory=dict)
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+    # A diagnose job's LID histograms and summaries (None for a pretrain job).
+    diagnosis: dict[str, Any] | None = None
+
+
+class SpecDifference(_Model):
+    field: str  # dotted, e.g. "ldreg.alpha"
+    values: list[Any] = Field(default_factory=list)  # each job's, in the order of jobs
+
+
+class Comparison(_Model):
+    """``GET /v1/compare``: the jobs (the first is the baseline), the spec fields that
+    differ between them, and each job's LID distances to the baseline."""
+
+    baseline_id: str
+    jobs: list[ComparedJob] = Field(default_factory=list)
+    spec_diff: list[SpecDifference] = Field(default_factory=list)
+    distances: list[dict[str, Any]] = Field(default_factory=list)
+    definitions: dict[str, str] = Field(default_factory=dict)

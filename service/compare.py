@@ -21,20 +21,26 @@ read into the same ``{(estimator, k): value}`` form.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput, NotFound
-from service.jobs import get_artifact, get_job
-from service.models import Job, Team
+from service.jobs import get_artifact, require_job
+from service.models import FINISHED_STATES, Job, Metric, Team
 from service.settings import Settings
 
 MAX_COMPARE_JOBS = 20
 LIDS_ARTIFACT = "lids.npz"
+# A diagnose job's LID histograms and per-(estimator, k) summaries (worker/diagnose_job.py).
+HISTOGRAM_ARTIFACT = "histogram.json"
+# Larger histogram files are left out of a comparison (they are artifacts to download).
+MAX_HISTOGRAM_BYTES = 8 << 20
 _PRETRAIN_LID_KEY = re.compile(r"^lid_gmean_k(\d+)$")
 
 LIDKey = tuple[str, int]
@@ -59,10 +65,35 @@ class PairDistances:
 
 
 @dataclass
+class SpecDifference:
+    """A dotted spec field whose value differs between the jobs, with each job's value
+    (in the order of the jobs; None where a job's spec lacks it)."""
+
+    field: str
+    values: list[Any]
+
+
+@dataclass
+class JobMetrics:
+    """A job's metric values: each series' latest point, and for a finished job its
+    summary's numbers. ``final`` is False while the job may still add points; the
+    values are then the latest as of ``as_of_epoch`` / ``as_of_step``."""
+
+    final: bool
+    as_of_epoch: int | None
+    as_of_step: int | None
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Comparison:
     jobs: list[Job]
     lid_gmeans: dict[str, dict[LIDKey, float]]
     distances: list[PairDistances]
+    spec_diff: list[SpecDifference] = field(default_factory=list)
+    metrics: dict[str, JobMetrics] = field(default_factory=dict)
+    # Diagnose jobs: their LID histograms and summaries (histogram.json), else None.
+    diagnoses: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 def parse_job_ids(raw: str) -> list[str]:
@@ -134,12 +165,12 @@ def compare_jobs(
     *, session: Session, settings: Settings, team: Team, job_ids: list[str]
 ) -> Comparison:
     """The team's jobs side by side, each against the first (404 for a job that is
-    not the team's)."""
-    jobs = []
+    not the team's). Each id may be a unique prefix (``service.job_ids``)."""
+    jobs: list[Job] = []
     for job_id in job_ids:
-        job = get_job(session=session, team=team, job_id=job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id} in your team", field="jobs")
+        job = require_job(session=session, team=team, job_id=job_id, field="jobs")
+        if any(job.id == seen.id for seen in jobs):
+            raise InvalidInput(f"{job_id} names job {job.id} a second time", field="jobs")
         jobs.append(job)
     gmeans = {job.id: lid_gmeans(job.summary) for job in jobs}
     baseline = jobs[0]
@@ -168,4 +199,111 @@ def compare_jobs(
                 )
             )
         distances.append(PairDistances(job_id=job.id, baseline_id=baseline.id, lid=rows))
-    return Comparison(jobs=jobs, lid_gmeans=gmeans, distances=distances)
+    return Comparison(
+        jobs=jobs,
+        lid_gmeans=gmeans,
+        distances=distances,
+        spec_diff=spec_diff([job.spec or {} for job in jobs]),
+        metrics=job_metrics(session, jobs),
+        diagnoses={
+            job.id: _diagnosis_curves(session, settings, team, job)
+            for job in jobs
+            if job.kind == "diagnose"
+        },
+    )
+
+
+def spec_diff(specs: list[dict[str, Any]]) -> list[SpecDifference]:
+    """The dotted fields whose values differ between ``specs``, in field order.
+
+    Sections that are mappings in every spec are compared field by field; anywhere
+    else the values are compared whole (a list, or ``ldreg: null`` against a section,
+    is one difference at that field, its values as they are)."""
+    out: list[SpecDifference] = []
+
+    def walk(values: list[Any], path: str) -> None:
+        if all(isinstance(v, dict) for v in values):
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            for key in keys:
+                walk([v.get(key) for v in values], f"{path}.{key}" if path else str(key))
+            return
+        first = values[0]
+        if any(_differs(first, v) for v in values[1:]):
+            out.append(SpecDifference(field=path, values=values))
+
+    walk(list(specs), "")
+    return out
+
+
+def _differs(a: Any, b: Any) -> bool:
+    # JSON values: ``True == 1`` and ``1 == 1.0`` in Python, not in a spec.
+    return type(a) is not type(b) or a != b
+
+
+def job_metrics(session: Session, jobs: list[Job]) -> dict[str, JobMetrics]:
+    """Each job's latest value of every series (one query for all the jobs), and for a
+    finished job its summary's numbers on top (a run's final evaluation)."""
+    ids = [job.id for job in jobs]
+    ranked = (
+        select(
+            Metric.job_id,
+            Metric.name,
+            Metric.epoch,
+            Metric.step,
+            Metric.value,
+            func.row_number()
+            .over(partition_by=(Metric.job_id, Metric.name), order_by=Metric.step.desc())
+            .label("newest"),
+        )
+        .where(Metric.job_id.in_(ids))
+        .subquery()
+    )
+    rows = session.execute(
+        select(ranked.c.job_id, ranked.c.name, ranked.c.epoch, ranked.c.step, ranked.c.value)
+        .where(ranked.c.newest == 1)
+        .order_by(ranked.c.job_id, ranked.c.name)
+    )
+    out = {
+        job.id: JobMetrics(
+            final=job.state in {s.value for s in FINISHED_STATES}, as_of_epoch=None, as_of_step=None
+        )
+        for job in jobs
+    }
+    for job_id, name, epoch, step, value in rows:
+        metrics = out[job_id]
+        metrics.values[name] = value
+        metrics.as_of_epoch = max(epoch, metrics.as_of_epoch or 0)
+        metrics.as_of_step = max(step, metrics.as_of_step or 0)
+    for job in jobs:
+        if out[job.id].final:
+            for name, value in (job.summary or {}).items():
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if number and math.isfinite(value):
+                    out[job.id].values[name] = float(value)
+    return out
+
+
+def _diagnosis_curves(
+    session: Session, settings: Settings, team: Team, job: Job
+) -> dict[str, Any] | None:
+    """A diagnose job's LID histograms and per-(estimator, k) summaries from its
+    ``histogram.json``, or None (still running, failed, or an oversized file)."""
+    try:
+        _, path = get_artifact(
+            session=session, settings=settings, team=team, job_id=job.id, name=HISTOGRAM_ARTIFACT
+        )
+    except NotFound:
+        return None
+    try:
+        if path.stat().st_size > MAX_HISTOGRAM_BYTES:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {
+        "bins": data.get("bins"),
+        "histograms": data.get("histograms"),
+        "summaries": data.get("summaries"),
+    }

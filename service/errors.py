@@ -55,3 +55,15 @@ class PayloadTooLarge(ServiceError):
     """An upload over the configured size limit (HTTP 413)."""
 
     code = "payload_too_large"
+
+
+# The error codes of a failed job that are the service's own trouble: a worker lost,
+# or an unexpected error, after the automatic attempts ran out. A retry may get past
+# them. Every other code (a bad spec or dataset, a NaN loss, out of memory) is the
+# job's: run unchanged, it fails the same way, so the spec has to change.
+INFRASTRUCTURE_ERROR_CODES = frozenset({"worker_lost", "worker_error", "error"})
+
+
+def error_kind(code: str) -> str:
+    """``"infrastructure"`` or ``"user"`` (see ``INFRASTRUCTURE_ERROR_CODES``)."""
+    return "infrastructure" if code in INFRASTRUCTURE_ERROR_CODES else "user"

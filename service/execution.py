@@ -47,6 +47,18 @@ class HeartbeatResult:
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """A training run's step-level progress, as the heartbeat carries it to the job's
+    row: global steps done and in the whole run, the recent throughput, and the
+    estimated seconds left (None until measured)."""
+
+    step: int
+    steps: int
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class MetricRow:
     name: str
     epoch: int
@@ -125,6 +137,9 @@ def claim_job(
             heartbeat_at=now,
             started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
             progress_fraction=None,
+            # Measured afresh by this attempt (worker/sink.py).
+            progress_images_per_second=None,
+            progress_eta_seconds=None,
         )
         .returning(Job.attempt)
         .execution_options(synchronize_session=False)
@@ -153,13 +168,25 @@ def heartbeat(
     job_id: str,
     attempt: int,
     progress_fraction: float | None = None,
+    step_progress: StepProgress | None = None,
     now: datetime | None = None,
 ) -> HeartbeatResult:
     """Prove this attempt is alive; learn whether it still owns the job and whether
-    the user asked to cancel."""
-    values: dict[str, Any] = {"heartbeat_at": now or utcnow()}
+    the user asked to cancel. The same UPDATE carries the progress reported since the
+    last beat, so progress costs no write of its own."""
+    now = now or utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now}
     if progress_fraction is not None:
         values["progress_fraction"] = min(max(float(progress_fraction), 0.0), 1.0)
+        values["progress_updated_at"] = now
+    if step_progress is not None:
+        values.update(
+            progress_step=int(step_progress.step),
+            progress_steps=int(step_progress.steps),
+            progress_images_per_second=_finite_or_none(step_progress.images_per_second),
+            progress_eta_seconds=_finite_or_none(step_progress.eta_seconds),
+            progress_updated_at=now,
+        )
     row = session.execute(
         update(Job)
         .where(_fence(job_id, attempt))
@@ -170,6 +197,12 @@ def heartbeat(
     if row is None:
         return HeartbeatResult(alive=False)
     return HeartbeatResult(alive=True, cancel_requested=bool(row[0]))
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None or not math.isfinite(float(value)) or value < 0:
+        return None
+    return float(value)
 
 
 def _insert_for(session: Session):

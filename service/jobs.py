@@ -34,6 +34,7 @@ from ldreg.spec import (
     field_errors,
     storable_text,
 )
+from service import job_ids
 from service.admission import check_admission
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from service.models import (
@@ -252,6 +253,26 @@ def create_job(
     return job, True
 
 
+def validate_job(
+    *,
+    session: Session,
+    settings: Settings,
+    team: Team,
+    kind: str,
+    spec: BaseModel | dict[str, Any],
+) -> PretrainSpec | DiagnoseSpec:
+    """A dry run of :func:`create_job`: the same validation and admission checks
+    (the spec, this server's limits, the dataset's files, the memory estimate, the
+    team's uploads and source jobs), nothing stored or published. Returns the
+    normalised spec; raises what a submit would (422)."""
+    model = validate_spec(kind, spec)
+    try:
+        _check_limits_and_scope(session=session, settings=settings, team=team, spec=model)
+    finally:
+        session.rollback()
+    return model
+
+
 def publish_job(*, settings: Settings, job: Job) -> bool:
     """Send the job's id to the broker. A failure is logged, not raised: the job is
     committed as queued and the sweeper re-publishes queued jobs that were never
@@ -275,11 +296,38 @@ def get_job(*, session: Session, team: Team, job_id: str, for_update: bool = Fal
     return session.scalars(query).first()
 
 
-def _require_job(*, session: Session, team: Team, job_id: str, for_update: bool = False) -> Job:
-    job = get_job(session=session, team=team, job_id=job_id, for_update=for_update)
+def resolve_job_id(*, session: Session, team: Team, job_id: str, field: str = "id") -> str:
+    """The full id a job id or short prefix names among the team's jobs
+    (``service.job_ids``): a full-length id is returned as given; a prefix shorter than
+    the minimum is a 422, one naming several jobs a 409, one naming none a 404."""
+    if not job_ids.is_prefix(job_id):
+        return job_id
+    matches: list[str] = []
+    if len(job_id) >= job_ids.MIN_PREFIX_LENGTH:
+        matches = list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.team_id == team.id,
+                    Job.id.like(job_ids.like_pattern(job_id), escape=job_ids.LIKE_ESCAPE),
+                )
+            )
+        )
+    return job_ids.resolve(job_id, matches, field)
+
+
+def require_job(
+    *, session: Session, team: Team, job_id: str, for_update: bool = False, field: str = "id"
+) -> Job:
+    """The team's job named by ``job_id`` (a full id or a unique prefix of at least
+    ``job_ids.MIN_PREFIX_LENGTH`` characters); 404 when the team has none."""
+    full_id = resolve_job_id(session=session, team=team, job_id=job_id, field=field)
+    job = get_job(session=session, team=team, job_id=full_id, for_update=for_update)
     if job is None:
-        raise NotFound(f"no job {job_id} in your team", field="id")
+        raise job_ids.not_found(job_id, field)
     return job
+
+
+_require_job = require_job
 
 
 def _encode_cursor(job: Job) -> str:
@@ -340,6 +388,40 @@ def list_jobs(
     return JobPage(jobs=rows, next_cursor=_encode_cursor(rows[-1]) if more else None)
 
 
+def queue_positions(*, session: Session, jobs: Sequence[Job]) -> dict[str, int]:
+    """``{job id: position}`` of the queued ones among ``jobs``: 1 for the next to run,
+    counting every team's queued jobs in the same queue in the order they (last)
+    entered it (their latest transition to ``queued``: a retried or re-queued job
+    goes to the back). One query for the whole page, none without a queued job."""
+    wanted = [job.id for job in jobs if job.state == JobState.QUEUED.value]
+    if not wanted:
+        return {}
+    queued = JobState.QUEUED.value
+    entered = (
+        select(JobEvent.job_id, func.max(JobEvent.at).label("entered_at"))
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.state == queued, JobEvent.to_state == queued)
+        .group_by(JobEvent.job_id)
+        .subquery()
+    )
+    ranked = (
+        select(
+            Job.id,
+            func.row_number()
+            .over(
+                partition_by=Job.queue,
+                order_by=(func.coalesce(entered.c.entered_at, Job.created_at), Job.id),
+            )
+            .label("position"),
+        )
+        .outerjoin(entered, entered.c.job_id == Job.id)
+        .where(Job.state == queued)
+        .subquery()
+    )
+    rows = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(wanted)))
+    return {job_id: int(position) for job_id, position in rows}
+
+
 def downsample_indices(n: int, max_points: int) -> list[int]:
     """At most ``max_points`` evenly spread indices of ``range(n)``, first and last kept."""
     if n <= max_points:
@@ -348,6 +430,23 @@ def downsample_indices(n: int, max_points: int) -> list[int]:
         return [n - 1]
     # Spacing (n-1)/(m-1) > 1, so rounding never maps two points to one index.
     return [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+
+
+def thin_indices(epochs: Sequence[int], max_points: int) -> list[int]:
+    """Indices of the points to keep of a series (``epochs``: each point's epoch, in
+    step order): the last point of every epoch (the epoch's value; the newest point of
+    a running one) always, and as many more as ``max_points`` leaves room for, evenly
+    spread. So a series is at most ``max(max_points, its epochs)`` points long."""
+    n = len(epochs)
+    if n <= max_points:
+        return list(range(n))
+    ends = [i for i in range(n) if i == n - 1 or epochs[i + 1] != epochs[i]]
+    room = max_points - len(ends)
+    if room <= 0:
+        return ends
+    kept = set(ends)
+    others = [i for i in range(n) if i not in kept]
+    return sorted(kept.union(others[j] for j in downsample_indices(len(others), room)))
 
 
 def list_metrics(
@@ -360,7 +459,8 @@ def list_metrics(
     max_points: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Per-series points ordered by step: only steps after ``since`` (for pollers that
-    pass the last step they have), each series thinned to ``max_points``."""
+    pass the last step they have), each series thinned to ``max_points`` on read
+    (:func:`thin_indices`: every epoch's value is kept)."""
     job = _require_job(session=session, team=team, job_id=job_id)
     query = select(Metric.name, Metric.epoch, Metric.step, Metric.value).where(
         Metric.job_id == job.id
@@ -374,7 +474,8 @@ def list_metrics(
         series.setdefault(name, []).append({"epoch": epoch, "step": step, "value": value})
     if max_points is not None:
         for name, points in series.items():
-            series[name] = [points[i] for i in downsample_indices(len(points), max_points)]
+            epochs = [p["epoch"] for p in points]
+            series[name] = [points[i] for i in thin_indices(epochs, max_points)]
     return series
 
 

@@ -131,6 +131,14 @@ class Job(Base):
     progress_epoch: Mapped[int] = mapped_column(Integer, default=0)
     progress_epochs: Mapped[int] = mapped_column(Integer, default=0)
     progress_fraction: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Step-level progress, carried by the heartbeat (worker/sink.py), never written per
+    # step: global training steps done and in the whole run, throughput, and the time
+    # left as estimated at progress_updated_at.
+    progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_images_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -18,7 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import ApiError, Job, JobTimeout, LDRegClient, MissingApiKey, ServiceUnreachable
+from client import (
+    ApiError,
+    Job,
+    JobTimeout,
+    LDRegClient,
+    MetricPoint,
+    MissingApiKey,
+    ServiceUnreachable,
+)
 
 LDREG = str(Path(sys.executable).with_name("ldreg"))
 
@@ -80,8 +88,8 @@ def test_every_client_command_is_registered() -> None:
     out = ldreg("--help")
     assert out.returncode == 0
     for command in (
-        "submit", "jobs", "status", "watch", "metrics", "cancel", "retry", "download",
-        "diagnose", "compare",
+        "submit", "jobs", "status", "watch", "logs", "metrics", "cancel", "retry",
+        "artifacts", "download", "diagnose", "compare",
     ):  # fmt: skip
         assert command in out.stdout
 
@@ -168,3 +176,133 @@ def test_job_model_keeps_unknown_fields_and_reads_the_ldreg_switch() -> None:
     assert json.loads(job.model_dump_json())["new_field"] == 1
     on = Job.model_validate({"id": "j2", "kind": "pretrain", "state": "failed", "spec": {}})
     assert on.ldreg_on is True and on.finished
+
+
+def test_the_client_asks_for_its_key_in_python_terms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LDREG_API_KEY", raising=False)
+    api = LDRegClient(url=f"http://127.0.0.1:{closed_port()}")
+    with api, pytest.raises(MissingApiKey) as missing:
+        next(api.jobs(limit=1))
+    message = str(missing.value)
+    assert "api_key=" in message and "LDREG_API_KEY" in message
+    assert "--" not in message and "ldreg " not in message
+
+
+def test_submit_takes_a_spec_file_or_from_and_checks_set_before_any_request(
+    tmp_path: Path,
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("method: simclr\n")
+    env = {"LDREG_API_KEY": "k", "LDREG_URL": f"http://127.0.0.1:{closed_port()}"}
+    both = ldreg("submit", str(spec), "--from", "abcdef", env=env)
+    assert both.returncode == 2 and "pick one: a spec file or --from JOB" in both.stderr
+    neither = ldreg("submit", env=env)
+    assert neither.returncode == 2 and "--from JOB" in neither.stderr
+    for bad in ("ldreg.alpha", "=1", "ldreg..alpha=1", "x=[1,"):
+        out = ldreg("submit", str(spec), "--set", bad, env=env)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert len(out.stderr.splitlines()) == 1 and "--set" in out.stderr
+
+
+def test_apply_overrides_sets_dotted_fields_on_a_copy() -> None:
+    from client import apply_overrides
+
+    spec = {"epochs": 2, "ldreg": {"alpha": 0.01, "k": 8}, "eval": {"lid_k": [32]}}
+    out = apply_overrides(
+        spec, [("ldreg.alpha", 0.05), ("epochs", 3), ("eval.lid_k", [16, 32]), ("x.y", True)]
+    )
+    assert out == {
+        "epochs": 3,
+        "ldreg": {"alpha": 0.05, "k": 8},
+        "eval": {"lid_k": [16, 32]},
+        "x": {"y": True},
+    }
+    assert spec["ldreg"] == {"alpha": 0.01, "k": 8}  # the original is untouched
+    assert apply_overrides(spec, {"ldreg": None})["ldreg"] is None
+    # A null section on the way becomes one holding the field (defaults for the rest).
+    assert apply_overrides({"ldreg": None}, {"ldreg.alpha": 0.1}) == {"ldreg": {"alpha": 0.1}}
+    with pytest.raises(ValueError, match="empty part"):
+        apply_overrides(spec, {"ldreg.": 1})
+
+
+def test_set_values_are_yaml_scalars_and_1e_5_is_a_number() -> None:
+    from cli.remote import _parse_override
+
+    assert _parse_override("ldreg.alpha=0.05") == ("ldreg.alpha", 0.05)
+    assert _parse_override("ldreg.alpha=1e-5") == ("ldreg.alpha", 1e-5)
+    assert _parse_override("ldreg=null") == ("ldreg", None)
+    assert _parse_override("eval.lid_k=[16, 32]") == ("eval.lid_k", [16, 32])
+    assert _parse_override("amp=true") == ("amp", True)
+    assert _parse_override("dataset.path=a=b.npz") == ("dataset.path", "a=b.npz")
+
+
+def test_cancel_says_how_long_the_trainer_takes_to_stop() -> None:
+    from cli.remote import STOP_POLL_STEPS, _cancel_note
+    from ldreg.train import STOP_POLL_STEPS as TRAINER_POLL
+
+    assert STOP_POLL_STEPS == TRAINER_POLL
+    running = Job.model_validate(
+        {
+            "id": "a" * 32,
+            "kind": "pretrain",
+            "state": "cancelling",
+            "progress": {"epoch": 1, "epochs": 4, "images_per_second": 400.0},
+            "spec": {"batch_size": 256},
+        }
+    )
+    note = _cancel_note(running)
+    assert "next heartbeat" in note and f"within {TRAINER_POLL} training steps" in note
+    assert f"~{TRAINER_POLL * 256 / 400:.1f}s" in note and "ldreg watch aaaaaaaa" in note
+    queued = Job.model_validate({"id": "b" * 32, "kind": "pretrain", "state": "cancelled"})
+    assert "cancelled at once" in _cancel_note(queued)
+
+
+def test_a_progress_line_says_where_a_run_is_within_its_epoch() -> None:
+    from cli.remote import _progress_line
+
+    job = Job.model_validate(
+        {
+            "id": "c" * 32,
+            "kind": "pretrain",
+            "state": "running",
+            "progress": {
+                "epoch": 1,
+                "epochs": 4,
+                "fraction": 0.3,
+                "step": 12,
+                "steps": 40,
+                "images_per_second": 1234.4,
+                "eta_seconds": 75.0,
+            },
+        }
+    )
+    assert job.progress.epoch_step == (2, 10)
+    latest = {"loss": MetricPoint(epoch=1, step=10, value=4.25)}
+    line = _progress_line(job, latest, 75.0)
+    assert line == "running  epoch 2/4 step 2/10  30%  1,234 img/s  ETA 1m15s  loss=4.25"
+    queued = Job.model_validate({"id": "d" * 32, "kind": "pretrain", "state": "queued"})
+    assert _progress_line(queued, {}, None) == "queued"
+
+
+def test_client_logs_reads_a_long_log_in_pieces_from_the_same_attempt() -> None:
+    text = b"".join(f"line {i}\n".encode() for i in range(10))
+    seen: list[dict[str, str]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        params = dict(request.url.params)
+        seen.append(params)
+        since = int(params.get("since", 0))
+        chunk = text[since : since + 30]
+        chunk = chunk[: chunk.rfind(b"\n") + 1]  # whole lines, as the server cuts them
+        headers = {
+            "X-Log-Attempt": "2",
+            "X-Log-Offset": str(since + len(chunk)),
+            "X-Log-Size": str(len(text)),
+            "X-Log-Complete": "true",
+        }
+        return httpx.Response(200, content=chunk, headers=headers)
+
+    with LDRegClient("http://x", "ldr_k", transport=httpx.MockTransport(answer)) as api:
+        assert api.logs("abc") == text.decode()
+    assert seen[0] == {}  # the latest attempt first, then that one from each offset
+    assert all(p["attempt"] == "2" for p in seen[1:]) and len(seen) > 2

@@ -168,12 +168,16 @@ def _run_job(
     )
     beat = HeartbeatThread(lease)
     beat.start()
-    sink = DatabaseSink(lease)
+    # A pretrain spec's batch_size is the global batch: images/s = steps/s x it.
+    batch_size = spec_data.get("batch_size") if kind == "pretrain" else None
+    sink = DatabaseSink(lease, images_per_step=batch_size if isinstance(batch_size, int) else None)
     run_dir = settings.job_dir(job_id)
     memory_limit_gb = settings.queue_memory_gb.get(queue)
     try:
         try:
-            with _job_log(run_dir, attempt):
+            with _job_log(
+                run_dir, attempt, f"job {job_id}: attempt {attempt} claimed by {worker_name}"
+            ):
                 limit_memory(memory_limit_gb)
                 summary = _execute(kind, spec_data, settings, run_dir, sink)
         finally:
@@ -432,18 +436,26 @@ def _sigterm_sets(event: threading.Event) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _job_log(run_dir: Path, attempt: int) -> Iterator[None]:
-    """Also write this attempt's log lines to ``run_dir/worker.log`` (an artifact)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "worker.log")
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s attempt={attempt} %(levelname)s %(name)s: %(message)s")
-    )
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+def _job_log(run_dir: Path, attempt: int, first_line: str | None = None) -> Iterator[None]:
+    """This attempt's log lines, stdout and stderr in ``run_dir/logs/attempt-N.log``
+    (an artifact, read live by ``GET /v1/jobs/{id}/logs``; ``worker.joblog``). How the
+    attempt ended is its last line, written before the outcome reaches the database,
+    so a reader that sees the job finished has every line."""
+    from worker.joblog import attempt_log
+
+    with attempt_log(run_dir, attempt) as job_log:
+        if first_line:
+            job_log.write_record(logging.INFO, first_line)
+        try:
+            yield
+        except TrainingCancelled as exc:
+            job_log.write_record(logging.INFO, f"training stopped: {exc}")
+            raise
+        except (UserError, ValidationError) as exc:
+            code, message = _user_error(exc)
+            job_log.write_record(logging.ERROR, f"failed: {code}: {message}")
+            raise
+        except BaseException as exc:
+            job_log.write_record(logging.ERROR, f"attempt {attempt} ended by an error", exc=exc)
+            raise
+        job_log.write_record(logging.INFO, f"attempt {attempt} done; recording the result")

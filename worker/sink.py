@@ -8,6 +8,7 @@ whether to go on, and the runner reads why training stopped.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.db import session_scope
-from service.execution import MetricRow, heartbeat, record_metrics
+from service.execution import MetricRow, StepProgress, heartbeat, record_metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class Lease:
         # UPDATE ran, so it never overstates how fresh the row is).
         self.confirmed_at = time.monotonic()
         self.progress_fraction: float | None = None
+        # Set by the training loop at every step (an immutable value, replaced whole);
+        # the heartbeat carries the latest to the job's row.
+        self.step_progress: StepProgress | None = None
 
     def expired(self) -> bool:
         """True once the sweeper may already consider us dead (no confirmed heartbeat
@@ -105,6 +109,7 @@ class Lease:
                 job_id=self.job_id,
                 attempt=self.attempt,
                 progress_fraction=self.progress_fraction,
+                step_progress=self.step_progress,
             )
         if not result.alive:
             log.warning(
@@ -145,16 +150,58 @@ class HeartbeatThread(threading.Thread):
         self.join(timeout=30)
 
 
+# Per-step metric points: at most this many steps of an epoch are kept per series (every
+# k-th step of a longer epoch), written every STEP_FLUSH_SECONDS and at the epoch's end.
+STEP_POINTS_PER_EPOCH = 200
+STEP_FLUSH_SECONDS = 2.0
+# A line with the step's values in the log at most this often.
+STEP_LOG_SECONDS = 10.0
+# What an epoch's log line shows, when the epoch has it.
+EPOCH_LOGGED = (
+    "loss",
+    "ssl_loss",
+    "ldreg_loss",
+    "ldreg_lid_gmean",
+    "lid_gmean_k32",
+    "effective_rank",
+    "knn_acc",
+    "online_probe_acc",
+    "linear_probe_acc",
+    "epoch_seconds",
+)
+
+
+def _brief(values: dict[str, float], names: tuple[str, ...]) -> str:
+    return " ".join(f"{n}={values[n]:.4g}" for n in names if isinstance(values.get(n), float | int))
+
+
+# Training throughput is measured over windows of at least this many seconds, so the
+# images/s and the ETA the heartbeat reports are smoothed rather than one step's.
+RATE_WINDOW_SECONDS = 3.0
+
+
 class DatabaseSink:
     """A ``ldreg.sink.TrainingSink`` that writes epoch metrics and progress to the job's
     row, fenced by the attempt, and stops training when the lease says so.
 
-    Only epoch-level values become metric rows (one batch, one transaction per epoch:
-    the database costs a few milliseconds per epoch, not per step). Per-step progress
-    only updates memory; the heartbeat thread carries it to the database.
+    Per-step values (the loss terms, lr, ``ldreg_lid_gmean``) are kept in memory and
+    written in batches: every ``STEP_FLUSH_SECONDS``, and with the epoch's own rows
+    (one transaction), at most ``STEP_POINTS_PER_EPOCH`` steps of an epoch per series.
+    An epoch's rows sit at the step that ends it, so at that step the epoch's value
+    (its mean, or its evaluation) replaces the step's own: a series' last point in an
+    epoch is that epoch's value. Per-step progress (step, images/s, ETA) only updates
+    memory; the heartbeat thread carries it to the database every
+    ``heartbeat_seconds``. The epoch lines and, every ``STEP_LOG_SECONDS``, a step line
+    go to the log (the attempt's log file, ``worker.joblog``).
     """
 
-    def __init__(self, lease: Lease) -> None:
+    def __init__(
+        self,
+        lease: Lease,
+        *,
+        images_per_step: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.lease = lease
         self.epochs = 0
         self.steps_per_epoch = 0
@@ -162,6 +209,18 @@ class DatabaseSink:
         self.last_epoch = 0
         self.last_checkpoint: tuple[int, Path] | None = None
         self.summary: dict[str, float] = {}
+        self._step_rows: list[MetricRow] = []  # per-step points not yet written
+        self._step_stride = 1
+        self._flushed_at = self._logged_at = time.monotonic()
+        # The global batch: images/s = steps/s x this (None: not reported).
+        self.images_per_step = images_per_step
+        self._clock = clock
+        self._window: tuple[float, int] | None = None  # (time, step) the window began at
+        self._steps_per_second: float | None = None  # of the last complete window
+        self._last_step: tuple[float, int] | None = None  # (time, epoch) of the last step
+        # Seconds between an epoch's last step and the next one's first: evaluation,
+        # checkpoint and loader start, which the step rate does not see.
+        self._epoch_gaps: list[float] = []
 
     def on_train_start(self, *, start_epoch: int, epochs: int, steps_per_epoch: int) -> None:
         self.start_epoch, self.epochs, self.steps_per_epoch = start_epoch, epochs, steps_per_epoch
@@ -174,12 +233,59 @@ class DatabaseSink:
                 epochs,
             )
         self.lease.progress_fraction = (start_epoch - 1) / max(epochs, 1)
+        if epochs * steps_per_epoch > 0:
+            self.lease.step_progress = StepProgress(
+                step=(start_epoch - 1) * steps_per_epoch, steps=epochs * steps_per_epoch
+            )
+        self._step_stride = max(1, math.ceil(steps_per_epoch / STEP_POINTS_PER_EPOCH))
+        log.info("training epochs %d to %d, %d steps each", start_epoch, epochs, steps_per_epoch)
         self._write([], progress_epoch=start_epoch - 1)
 
     def on_step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
         total = self.epochs * self.steps_per_epoch
         if total > 0:
             self.lease.progress_fraction = min(step / total, 1.0)
+            self._measure(epoch, step)
+            self.lease.step_progress = self._step_progress(epoch, step, total)
+        self._record_step(epoch, step, metrics)
+
+    def _measure(self, epoch: int, step: int) -> None:
+        """Track the step rate over windows of ``RATE_WINDOW_SECONDS``; a window never
+        spans an epoch's end (its evaluation is timed apart, as a gap)."""
+        now = self._clock()
+        last = self._last_step
+        self._last_step = (now, epoch)
+        if last is not None and last[1] != epoch:
+            self._epoch_gaps.append(now - last[0])
+            self._window = None
+        if self._window is None:
+            self._window = (now, step)
+            return
+        began, first = self._window
+        if now - began >= RATE_WINDOW_SECONDS and step > first:
+            self._steps_per_second = (step - first) / (now - began)
+            self._window = (now, step)
+
+    def _rate(self, step: int) -> float | None:
+        """Steps per second: the last complete window's, else the current one's so far."""
+        if self._steps_per_second is not None:
+            return self._steps_per_second
+        if self._window is None or self._last_step is None:
+            return None
+        began, first = self._window
+        elapsed = self._last_step[0] - began
+        return (step - first) / elapsed if step > first and elapsed > 0 else None
+
+    def _step_progress(self, epoch: int, step: int, total: int) -> StepProgress:
+        rate = self._rate(step)
+        images = rate * self.images_per_step if rate and self.images_per_step else None
+        eta = None
+        if rate:
+            gaps = self._epoch_gaps[-5:]
+            per_epoch_end = sum(gaps) / len(gaps) if gaps else 0.0
+            # This epoch's end is still ahead of it (its last step comes before it).
+            eta = max(total - step, 0) / rate + max(self.epochs - epoch + 1, 0) * per_epoch_end
+        return StepProgress(step=step, steps=total, images_per_second=images, eta_seconds=eta)
 
     def on_epoch_end(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
         rows = []
@@ -192,7 +298,11 @@ class DatabaseSink:
         self.summary = {r.name: r.value for r in rows}
         if self.epochs:
             self.lease.progress_fraction = epoch / self.epochs
-        self._write(rows, progress_epoch=epoch)
+        log.info("epoch %d/%d done: %s", epoch, self.epochs, _brief(self.summary, EPOCH_LOGGED))
+        # The step rows first: at the epoch's last step its own value wins the upsert.
+        step_rows, self._step_rows = self._step_rows, []
+        self._write(step_rows + rows, progress_epoch=epoch)
+        self._flushed_at = time.monotonic()
 
     def on_checkpoint(self, *, epoch: int, path: Path) -> None:
         self.last_checkpoint = (epoch, Path(path))
@@ -200,7 +310,39 @@ class DatabaseSink:
     def should_stop(self) -> bool:
         return self.lease.must_stop()
 
-    def _write(self, rows: list[MetricRow], *, progress_epoch: int) -> None:
+    def _record_step(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        """Keep the step's values (every ``_step_stride``-th step of an epoch), write
+        what is kept every ``STEP_FLUSH_SECONDS``, log a step line now and then."""
+        spe = self.steps_per_epoch
+        in_epoch = step - (epoch - 1) * spe if spe else step
+        if in_epoch % self._step_stride == 0:
+            for name, value in metrics.items():
+                try:
+                    self._step_rows.append(
+                        MetricRow(name=name, epoch=epoch, step=step, value=float(value))
+                    )
+                except (TypeError, ValueError):
+                    continue
+        now = time.monotonic()
+        if now - self._logged_at >= STEP_LOG_SECONDS:
+            self._logged_at = now
+            log.info(
+                "epoch %d/%d, step %d/%d: %s",
+                epoch,
+                self.epochs,
+                in_epoch,
+                spe,
+                _brief(metrics, tuple(metrics)),
+            )
+        # Never the epoch's last step alone: the rows at the step that ends an epoch are
+        # all written at once, with the epoch's (a reader that asks for the steps after
+        # the last one it has never misses an epoch's values).
+        if self._step_rows and in_epoch < spe and now - self._flushed_at >= STEP_FLUSH_SECONDS:
+            rows, self._step_rows = self._step_rows, []
+            self._flushed_at = now
+            self._write(rows, progress_epoch=None)
+
+    def _write(self, rows: list[MetricRow], *, progress_epoch: int | None) -> None:
         """Write the rows (an upsert fenced by the attempt; :func:`while_leased`)."""
         if self.lease.lost.is_set():
             return

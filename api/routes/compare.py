@@ -6,7 +6,7 @@ No torch here: the distances come from stored summaries and per-point LIDs (nump
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
@@ -21,6 +21,7 @@ router = APIRouter(
     responses={
         401: {"model": ErrorOut},
         404: {"model": ErrorOut},
+        409: {"model": ErrorOut},
         422: {"model": ErrorOut},
         503: {"model": ErrorOut},
     },
@@ -36,11 +37,46 @@ DEFINITIONS = {
 }
 
 
+class JobMetricsOut(BaseModel):
+    final: bool = Field(
+        description="true once the job has finished: no more values will come; false"
+        " while it runs, the values being the latest as of as_of_epoch / as_of_step"
+    )
+    as_of_epoch: int | None
+    as_of_step: int | None
+    values: dict[str, float] = Field(
+        description="each series' latest value; for a finished job, its summary's"
+        " numbers on top (the final evaluation)"
+    )
+
+
+class DiagnosisOut(BaseModel):
+    bins: str | None = None
+    histograms: Any = Field(
+        default=None,
+        description="per estimator and k: the histogram of per-point LIDs (histogram.json)",
+    )
+    summaries: Any = Field(
+        default=None, description="per estimator and k: gmean, mean, percentiles, ..."
+    )
+
+
 class CompareJob(JobOut):
     lid_gmean: dict[str, dict[str, float]] = Field(
         description="geometric-mean LIDs by estimator and k (a pretrain job's"
         " lid_gmean_k{k} is MLE)"
     )
+    metrics: JobMetricsOut
+    diagnosis: DiagnosisOut | None = Field(
+        default=None,
+        description="a diagnose job's LID histograms and summaries; null for a pretrain"
+        " job, or a diagnosis that has not finished",
+    )
+
+
+class SpecDifferenceOut(BaseModel):
+    field: str = Field(description="dotted spec field, e.g. ldreg.alpha")
+    values: list[Any] = Field(description="each job's value, in the order of jobs")
 
 
 class LIDDistanceOut(BaseModel):
@@ -62,6 +98,9 @@ class PairDistancesOut(BaseModel):
 class CompareOut(BaseModel):
     baseline_id: str
     jobs: list[CompareJob]
+    spec_diff: list[SpecDifferenceOut] = Field(
+        description="only the spec fields that differ between the jobs"
+    )
     distances: list[PairDistancesOut] = Field(description="each later job against the first")
     definitions: dict[str, str]
 
@@ -71,7 +110,13 @@ def compare_jobs(
     session: SessionDep,
     settings: SettingsDep,
     team: CurrentTeam,
-    jobs: Annotated[str, Query(description="comma-separated job ids; the first is the baseline")],
+    jobs: Annotated[
+        str,
+        Query(
+            description="comma-separated job ids (or unique prefixes of at least 6"
+            " characters); the first is the baseline"
+        ),
+    ],
 ) -> Response:
     """Two or more of the team's jobs side by side, each against the first."""
     result = compare.compare_jobs(
@@ -82,10 +127,19 @@ def compare_jobs(
         nested: dict[str, dict[str, float]] = {}
         for (estimator, k), value in sorted(result.lid_gmeans[job.id].items()):
             nested.setdefault(estimator, {})[str(k)] = value
-        out_jobs.append(CompareJob(**JobOut.from_job(job).model_dump(), lid_gmean=nested))
+        diagnosis = result.diagnoses.get(job.id)
+        out_jobs.append(
+            CompareJob(
+                **JobOut.from_job(job).model_dump(),
+                lid_gmean=nested,
+                metrics=JobMetricsOut(**vars(result.metrics[job.id])),
+                diagnosis=DiagnosisOut(**diagnosis) if diagnosis is not None else None,
+            )
+        )
     out = CompareOut(
         baseline_id=result.jobs[0].id,
         jobs=out_jobs,
+        spec_diff=[SpecDifferenceOut(field=d.field, values=d.values) for d in result.spec_diff],
         distances=[
             PairDistancesOut(
                 job_id=pair.job_id,

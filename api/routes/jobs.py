@@ -16,6 +16,7 @@ from api.deps import (
     invalid_key,
 )
 from api.errors import ApiError
+from api.reads import Reads
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -27,15 +28,24 @@ from api.schemas import (
     JobList,
     JobOut,
     JobStateName,
+    JobValidation,
     MetricsOut,
     json_response,
 )
-from service import jobs
+from service import job_ids, jobs
 
 router = APIRouter(
     prefix="/jobs",
     tags=["jobs"],
-    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    # 409 / 422 on every route: a job id may be a short prefix (service.job_ids) that
+    # names several jobs, or is too short.
+    responses={
+        401: {"model": ErrorOut},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+        503: {"model": ErrorOut},
+    },
 )
 
 
@@ -43,7 +53,12 @@ router = APIRouter(
     "",
     status_code=201,
     response_model=JobOut,
-    responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}},
+    responses={
+        200: {"model": JobValidation, "description": "dry_run=true: the spec is valid"},
+        409: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+        429: {"model": ErrorOut},
+    },
 )
 def submit_job(
     body: Annotated[JobCreate, Body()],
@@ -57,8 +72,21 @@ def submit_job(
             description="retrying with the same key and body returns the original job",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        Query(
+            description="only validate: the same checks as a submit (422 naming the"
+            " field), 200 with the normalised spec, nothing created"
+        ),
+    ] = False,
 ) -> Response:
     """Submit a job. It is queued at once and runs when a worker is free."""
+    if dry_run:
+        model = jobs.validate_job(
+            session=session, settings=settings, team=team, kind=body.kind, spec=body.spec
+        )
+        checked = JobValidation(kind=body.kind, name=body.name, spec=model.model_dump(mode="json"))
+        return json_response(checked)
     job, created = jobs.create_job(
         session=session,
         settings=settings,
@@ -90,7 +118,8 @@ def list_jobs(
     page = jobs.list_jobs(
         session=session, team=team, states=state, kind=kind, cursor=cursor, limit=limit
     )
-    jobs_out = [JobOut.from_job(j) for j in page.jobs]
+    positions = jobs.queue_positions(session=session, jobs=page.jobs)
+    jobs_out = [JobOut.from_job(j, queue_position=positions.get(j.id)) for j in page.jobs]
     return json_response(JobList(jobs=jobs_out, next_cursor=page.next_cursor))
 
 
@@ -103,12 +132,31 @@ async def get_job(request: Request) -> Response:
     """
     job_id = request.path_params["job_id"]
     reads = await get_reads(request)
-    found = await reads.job_for_key(bearer_token(request), job_id)
+    token = bearer_token(request)
+    asked = job_id
+    if job_ids.is_prefix(job_id):
+        # A short id: resolved first (service.job_ids), a query of its own; a full
+        # id goes straight to the one-query poll below.
+        job_id = await _resolve_prefix(reads, token, job_id)
+    found = await reads.job_for_key(token, job_id)
     if found.team_id is None:
         raise invalid_key()
     if found.job is None:
-        raise ApiError(404, f"no job {job_id} in your team", field="id")
+        raise ApiError(404, f"no job {asked} in your team", field="id")
     return json_response(JobOut.from_job(found.job))
+
+
+async def _resolve_prefix(reads: Reads, token: str, prefix: str) -> str:
+    """The full id of the team's one job whose id starts with ``prefix`` (401 for a key
+    that is not live, then 422 / 404 / 409 as ``service.job_ids.resolve`` says)."""
+    if len(prefix) < job_ids.MIN_PREFIX_LENGTH:
+        if await reads.team_for_key(token) is None:
+            raise invalid_key()
+        raise job_ids.too_short(prefix)
+    found = await reads.jobs_for_prefix(token, prefix)
+    if found.team_id is None:
+        raise invalid_key()
+    return job_ids.resolve(prefix, found.job_ids)
 
 
 def add_poll_route(app: FastAPI, prefix: str) -> None:
@@ -136,6 +184,8 @@ def add_poll_route(app: FastAPI, prefix: str) -> None:
                     "in": "path",
                     "required": True,
                     "schema": {"type": "string", "title": "Job Id"},
+                    "description": "the job's id, or a prefix of at least"
+                    f" {job_ids.MIN_PREFIX_LENGTH} characters naming one of the team's jobs",
                 }
             ],
         },

@@ -43,6 +43,8 @@ JOB_KEYS = {
     "error",
     "summary",
     "spec",
+    "worker",
+    "queue_position",
 }
 
 
@@ -87,7 +89,17 @@ def test_submit_returns_201_with_the_job_as_designed(client: httpx.Client, pg_ur
     assert set(job) == JOB_KEYS
     assert job["kind"] == "pretrain" and job["name"] == "first"
     assert job["state"] == "queued" and job["attempt"] == 0
-    assert job["progress"] == {"epoch": 0, "epochs": 2, "fraction": None}
+    assert job["progress"] == {
+        "epoch": 0,
+        "epochs": 2,
+        "fraction": None,
+        "step": None,
+        "steps": None,
+        "images_per_second": None,
+        "eta_seconds": None,
+        "updated_at": None,
+    }
+    assert job["worker"] is None and job["queue_position"] is None
     assert job["error"] is None and job["started_at"] is None and job["finished_at"] is None
     # The stored spec is the normalised one: defaults spelled out.
     assert job["spec"]["optimizer"]["name"] == "lars" and job["spec"]["ldreg"]["k"] == 8
@@ -277,11 +289,17 @@ def test_metrics_series_with_since_and_downsampling(
     assert [p["step"] for p in recent["lid_gmean_k32"]] == [99]
 
     thin = client.get(
-        f"/v1/jobs/{job['id']}/metrics", params={"max_points": 10, "name": "loss"}
+        f"/v1/jobs/{job['id']}/metrics", params={"max_points": 20, "name": "loss"}
     ).json()["series"]
     steps = [p["step"] for p in thin["loss"]]
     assert set(thin) == {"loss"}
-    assert len(steps) == 10 and steps[0] == 0 and steps[-1] == 99 and steps == sorted(steps)
+    assert len(steps) == 20 and steps[0] == 0 and steps[-1] == 99 and steps == sorted(steps)
+    # Every epoch's value (its last point) is kept, whatever the thinning.
+    assert {9, 19, 29, 39, 49, 59, 69, 79, 89, 99} <= set(steps)
+    only_epochs = client.get(
+        f"/v1/jobs/{job['id']}/metrics", params={"max_points": 3, "name": "loss"}
+    ).json()["series"]
+    assert [p["step"] for p in only_epochs["loss"]] == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99]
 
 
 def test_artifacts_list_and_stream_but_never_leave_the_job_folder(

@@ -218,13 +218,23 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     # (a replaced button loses a click that lands while a poll re-renders the page).
     cancel_button = d.find_element(By.ID, "cancel-job")
     wait(d, lambda d: points(d, "chart-loss") > first, 150, "the plot to update")
-    assert points(d, "chart-lid") >= 2 and points(d, "chart-rank") >= 1
+    # The loss terms come every step; the evaluations once an epoch has ended.
+    wait(
+        d,
+        lambda d: points(d, "chart-lid") >= 2 and points(d, "chart-rank") >= 1,
+        150,
+        "the first evaluation",
+    )
     progress = d.find_element(By.CSS_SELECTOR, "dd[data-field='progress'] progress")
     assert int(progress.get_attribute("value")) >= 1 and progress.get_attribute("max") == "40"
     screenshot(d, "job-running")
 
-    # Cancel: the state turns cancelled in the page, the timeline shows why.
+    # Cancel: it asks first; then the state turns cancelled in the page, the timeline
+    # shows why.
     cancel_button.click()
+    wait(d, lambda d: d.find_element(By.ID, "cancel-confirm").is_displayed(), 5, "the question")
+    assert page_state(d) == "running"  # nothing happened yet
+    d.find_element(By.ID, "confirm-cancel").click()
     wait(d, lambda d: "Cancellation requested" in d.find_element(By.ID, "notice").text, 10, "ack")
     wait(d, lambda d: page_state(d) == "cancelled", 60, "the job to be cancelled")
     wait(d, lambda d: "→ cancelled" in d.find_element(By.ID, "events").text, 10, "the event")
@@ -293,4 +303,169 @@ def test_dashboard_signs_in_follows_a_live_job_cancels_and_compares(
     d.get(f"{api_server}/#/jobs")
     wait(d, lambda d: len(listed_ids(d)) == 3, 10, "the job list")
     screenshot(d, "jobs", full_page=False)
+    api.close()
+
+
+def chart_x(driver, chart_id: str) -> dict:
+    """The x axis a chart shows: its setting, title and range (Chart.js's own scale)."""
+    return driver.execute_script(
+        "const f = document.getElementById(arguments[0]);"
+        "const c = Chart.getChart(f.querySelector('canvas'));"
+        "return {axis: f.dataset.x, title: c.options.scales.x.title.text,"
+        " max: c.scales.x.max, points: Number(f.dataset.points)}",
+        chart_id,
+    )
+
+
+def set_editor(driver, text: str) -> None:
+    """Replace the spec editor's text as a paste would (one input event)."""
+    driver.execute_script(
+        "const e = document.getElementById('resubmit-spec'); e.focus(); e.value = arguments[0];"
+        "e.dispatchEvent(new Event('input', {bubbles: true}))",
+        text,
+    )
+
+
+def test_resubmit_with_changes_then_follow_its_curves_and_log_and_compare_the_specs(
+    browser: webdriver.Chrome,
+    api_server: str,
+    team_key: str,
+    start_worker: Callable[..., ServiceProcess],
+) -> None:
+    api = httpx.Client(
+        base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
+    )
+    original = api.post(
+        "/v1/jobs", json={"kind": "pretrain", "name": "short run", "spec": {**SMALL, "epochs": 2}}
+    ).json()
+    d = browser
+    d.get(f"{api_server}/")
+    d.execute_script("sessionStorage.clear()")
+    d.refresh()
+    # The sign-in page has no navigation bar (nothing to navigate to without a key).
+    wait(d, lambda d: d.find_element(By.ID, "api-key"), 10, "the sign-in form")
+    assert not d.find_element(By.ID, "nav").is_displayed()
+    d.find_element(By.ID, "api-key").send_keys(team_key)
+    d.find_element(By.ID, "sign-in").click()
+    wait(d, lambda d: original["id"] in listed_ids(d), 15, "the job list")
+    assert d.find_element(By.ID, "nav").is_displayed()
+
+    # The job waits in the queue (no worker yet): empty charts say so, the log has not
+    # started, and Retry says why it cannot be pressed.
+    d.get(f"{api_server}/#/jobs/{original['id']}")
+    wait(d, lambda d: page_state(d) == "queued", 10, "the queued job's page")
+    empty = d.find_element(By.CSS_SELECTOR, "#chart-loss .chart-empty")
+    assert empty.is_displayed() and empty.text == "no data yet"
+    assert d.find_element(By.ID, "job-log-empty").is_displayed()
+    retry = d.find_element(By.ID, "retry-job")
+    assert not retry.is_enabled()
+    assert "this one is queued" in d.find_element(By.ID, "retry-reason").text
+    assert "queued" in retry.get_attribute("title")
+
+    start_worker()
+    wait(d, lambda d: page_state(d) == "succeeded", 180, "the short run to succeed")
+    wait(d, lambda d: "nothing to retry" in d.find_element(By.ID, "retry-reason").text, 10, "why")
+    assert not d.find_element(By.ID, "retry-job").is_enabled()
+
+    # Resubmit with changes: the spec in an editor, checked by the server while typing.
+    d.find_element(By.ID, "resubmit-job").click()
+    editor = wait(d, lambda d: d.find_element(By.ID, "resubmit-spec"), 10, "the editor")
+    wait(d, lambda d: '"epochs": 2' in editor.get_attribute("value"), 10, "the job's spec")
+    wait(d, lambda d: "Valid" in d.find_element(By.ID, "resubmit-status").text, 10, "a check")
+    spec_text = editor.get_attribute("value")
+    name = d.find_element(By.ID, "resubmit-name")
+    assert name.get_attribute("value") == "short run (changed)"
+    name.clear()
+    name.send_keys("long run")
+    set_editor(d, spec_text.replace('"epochs": 2', '"epochs": 0'))
+    error = wait(
+        d,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#resubmit-errors li[data-field='spec.epochs']"),
+        10,
+        "the field error",
+    )
+    assert "greater than or equal to 1" in error.text and "line " in error.text
+    assert editor.get_attribute("aria-invalid") == "true"
+    assert not d.find_element(By.ID, "resubmit-submit").is_enabled()
+    # Not JSON at all: said so, before the server is asked.
+    set_editor(d, spec_text.replace('"epochs": 2', '"epochs": '))
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "li[data-field='json']"), 10, "JSON error")
+    set_editor(d, spec_text.replace('"epochs": 2', '"epochs": 40'))
+    wait(d, lambda d: "Valid" in d.find_element(By.ID, "resubmit-status").text, 10, "valid again")
+    assert editor.get_attribute("aria-invalid") is None
+    assert "epochs: 2 → 40" in d.find_element(By.ID, "resubmit-diff").text
+    # The dry runs created nothing.
+    assert [j["id"] for j in api.get("/v1/jobs").json()["jobs"]] == [original["id"]]
+    d.find_element(By.ID, "resubmit-submit").click()
+    wait(d, lambda d: "resubmit" not in d.current_url, 10, "the new job's page")
+    new_id = d.current_url.rsplit("/", 1)[1]
+    assert new_id != original["id"] and "Submitted job" in d.find_element(By.ID, "notice").text
+    new = api.get(f"/v1/jobs/{new_id}").json()
+    assert new["name"] == "long run" and new["spec"]["epochs"] == 40
+
+    # Per-step curves: more points than epochs (one per step), on the axis chosen.
+    wait(d, lambda d: page_state(d) == "running", 60, "the new job to run")
+    wait(d, lambda d: chart_x(d, "chart-loss")["points"] > 3 * 4, 120, "per-step points")
+    by_step = chart_x(d, "chart-loss")
+    assert by_step["axis"] == "step" and by_step["title"] == "step"
+    Select(d.find_element(By.ID, "chart-x")).select_by_value("epoch")
+    wait(d, lambda d: chart_x(d, "chart-loss")["axis"] == "epoch", 5, "the epoch axis")
+    by_epoch = chart_x(d, "chart-loss")
+    assert by_epoch["title"] == "epoch" and by_epoch["points"] > 0
+    assert by_epoch["max"] < by_step["max"]  # epochs, not steps
+    Select(d.find_element(By.ID, "chart-x")).select_by_value("time")
+    wait(d, lambda d: chart_x(d, "chart-loss")["title"] == "training time (s)", 5, "time axis")
+    d.find_element(By.ID, "chart-log").click()  # log scale
+    wait(
+        d,
+        lambda d: (
+            d.execute_script(
+                "return Chart.getChart(document.querySelector('#chart-loss canvas'))"
+                ".options.scales.y.type"
+            )
+            == "logarithmic"
+        ),
+        5,
+        "the log scale",
+    )
+    d.find_element(By.ID, "chart-log").click()
+    Select(d.find_element(By.ID, "chart-x")).select_by_value("step")
+
+    # The live log: the claim, then a line per epoch, as they are written.
+    log = d.find_element(By.ID, "job-log")
+    wait(d, lambda d: "claimed" in log.text, 30, "the log's first lines")
+    wait(d, lambda d: "epoch 2/40 done" in log.text, 120, "an epoch's line")
+    lines = int(log.get_attribute("data-lines"))
+    wait(d, lambda d: int(log.get_attribute("data-lines")) > lines, 60, "more lines")
+    assert "live" in d.find_element(By.ID, "log-status").text
+    d.execute_script("document.getElementById('log').scrollIntoView({block: 'end'})")
+    screenshot(d, "job-log", full_page=False)
+
+    # Compare with the original while it runs: only the spec fields that differ, and
+    # the running job's values marked as the latest, not final.
+    d.get(f"{api_server}/#/compare?jobs={original['id']},{new_id}")
+    diff = wait(d, lambda d: d.find_element(By.ID, "compare-spec-diff"), 20, "the spec diff")
+    rows = d.execute_script(
+        "return [...document.querySelectorAll('#compare-spec-diff tbody tr')]"
+        ".map(r => [r.dataset.field, ...[...r.querySelectorAll('td')].map(c => c.innerText)])"
+    )
+    assert rows == [["epochs", "2", "40"]], rows
+    assert "short run" in diff.text and "long run" in diff.text
+    table = d.find_element(By.ID, "compare-table").text
+    assert "latest (running)" in table and "final" in table
+    d.execute_script("document.getElementById('compare-summary').scrollIntoView()")
+    screenshot(d, "compare-spec-diff", full_page=False)
+
+    # Back on the job: cancel it (after the question); the log ends with why.
+    d.get(f"{api_server}/#/jobs/{new_id}")
+    wait(d, lambda d: page_state(d) == "running", 10, "the running job's page")
+    d.find_element(By.ID, "cancel-job").click()
+    d.find_element(By.ID, "keep-running").click()  # changed our mind: nothing happens
+    assert not d.find_element(By.ID, "cancel-confirm").is_displayed()
+    d.find_element(By.ID, "cancel-job").click()
+    d.find_element(By.ID, "confirm-cancel").click()
+    wait(d, lambda d: page_state(d) == "cancelled", 60, "the job to be cancelled")
+    log = d.find_element(By.ID, "job-log")
+    wait(d, lambda d: "training stopped" in log.text, 20, "the log's last line")
+    wait(d, lambda d: "complete" in d.find_element(By.ID, "log-status").text, 10, "complete")
     api.close()

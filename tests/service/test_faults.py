@@ -35,7 +35,9 @@ def checkpoint_epochs(home: Path, job_id: str) -> list[int]:
     )
 
 
-def metric_rows(pg_url: str, job_id: str, name: str = "loss") -> list[tuple[int, int]]:
+def metric_rows(pg_url: str, job_id: str, name: str = "epoch_seconds") -> list[tuple[int, int]]:
+    """(epoch, attempt) of every point of the series, by step; ``epoch_seconds`` has one
+    point per epoch (the loss terms have one per step as well)."""
     with session_scope(pg_url) as s:
         rows = s.execute(
             select(Metric.epoch, Metric.attempt)
@@ -96,7 +98,15 @@ def test_sigkilled_worker_resumes_from_checkpoint(
     rows = metric_rows(pg_url, job_id)
     assert [epoch for epoch, _ in rows] == list(range(1, epochs + 1))
     assert rows == [(e, 1 if e <= resume_from else 2) for e in range(1, epochs + 1)]
-    log = (service_home / "artifacts" / "jobs" / job_id / "worker.log").read_text()
+    # The per-step points too: every step of an epoch written by the attempt that
+    # trained it (what the killed attempt wrote of a later epoch was overwritten).
+    steps = metric_rows(pg_url, job_id, "loss")
+    assert sorted({e for e, _ in steps}) == list(range(1, epochs + 1))
+    assert all(a == (1 if e <= resume_from else 2) for e, a in steps), steps
+    # Each attempt has a log of its own; the second says where it resumed.
+    logs = service_home / "artifacts" / "jobs" / job_id / "logs"
+    assert "claimed" in (logs / "attempt-1.log").read_text()
+    log = (logs / "attempt-2.log").read_text()
     assert f"resuming from the checkpoint of epoch {resume_from}" in log
     # Recovery was bounded: stale (6 s) + sweep (1 s) + startup + the remaining epochs.
     assert time.monotonic() - killed_at < 150

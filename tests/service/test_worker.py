@@ -39,6 +39,11 @@ FIXED_METRICS = {
 }
 
 
+def epoch_values(points: list[dict]) -> dict[int, dict]:
+    """Each epoch's value: the last point (by step) of the series in that epoch."""
+    return {p["epoch"]: p for p in sorted(points, key=lambda p: p["step"])}
+
+
 def tiny_spec(epochs: int = 3, **overrides) -> dict:
     """A pretrain spec that trains in seconds on one CPU core."""
     spec = {
@@ -101,15 +106,20 @@ def test_submit_run_and_inspect_a_pretrain_job_delivered_three_times(
     series = client.get(f"/v1/jobs/{job_id}/metrics").json()["series"]
     assert set(series) >= FIXED_METRICS, sorted(series)
     for name in FIXED_METRICS:
-        points = series[name]
-        # One point per epoch, at the global step that ends it.
-        assert [p["epoch"] for p in points] == [1, 2, 3], (name, points)
-        assert len({p["step"] for p in points}) == 3
+        # An epoch's value is the series' last point in it, at the global step that
+        # ends it; the evaluations have no other point.
+        ends = epoch_values(series[name])
+        assert sorted(ends) == [1, 2, 3], (name, series[name])
+        assert len({p["step"] for p in ends.values()}) == 3
+    # The training terms also have a point at every step (a short epoch keeps them all).
+    steps = [p["step"] for p in series["loss"]]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > 3, steps
+    assert [p["epoch"] for p in series["knn_acc"]] == [1, 2, 3]
     # The offline probe is fitted once, at the end, with the L2 weight it chose.
     assert [p["epoch"] for p in series["linear_probe_acc"]] == [3]
     assert [p["epoch"] for p in series["linear_probe_l2"]] == [3]
     # LDReg is off during its one warm-up epoch and on afterwards.
-    ldreg = [p["value"] for p in series["ldreg_loss"]]
+    ldreg = [p["value"] for p in epoch_values(series["ldreg_loss"]).values()]
     assert ldreg[0] == 0.0 and ldreg[1] < 0.0
 
     evs = events(client, job_id)

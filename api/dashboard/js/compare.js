@@ -1,6 +1,6 @@
 // Compare jobs side by side.
-import { chartFigure, dataset, makeLineChart, setChartData, toXY } from "./charts.js";
-import { ACTIVE, HIDDEN_SERIES, PLOTS, POLL_MS, api, every, fmtNum, h, jobTitle, ldregOf, methodOf, notify, replaceIfChanged, session, stale, stateBadge } from "./core.js";
+import { axisContext, chartControls, chartFigure, makeLineChart, seriesDatasets, setChartData } from "./charts.js";
+import { ACTIVE, HIDDEN_SERIES, MAX_POINTS, PLOTS, POLL_MS, api, every, fmtNum, h, jobTitle, ldregOf, methodOf, notify, replaceIfChanged, session, stale, stateBadge } from "./core.js";
 
 export function renderCompare(view, params) {
   document.title = "Compare · LDReg";
@@ -38,8 +38,26 @@ export function renderCompare(view, params) {
   if (ids.length < 2) return;
   const summary = h("section", { id: "compare-summary", "aria-labelledby": "cmp-sum-title" }, h("h2", { id: "cmp-sum-title" }, "Summary"));
   const grid = h("div", { class: "charts", id: "compare-charts" });
-  view.append(summary, h("section", { "aria-labelledby": "cmp-curves-title" }, h("h2", { id: "cmp-curves-title" }, "Curves"), grid));
+  let last = null;  // the latest jobs and metrics, redrawn when a chart setting changes
+  view.append(summary, h("section", { "aria-labelledby": "cmp-curves-title" }, h("h2", { id: "cmp-curves-title" }, "Curves"),
+    chartControls(() => last && drawCurves(...last)), grid));
   const figures = {};
+
+  function drawCurves(jobs, metrics) {
+    const names = [...PLOTS.flatMap((p) => p.series), ...new Set(metrics.flatMap((m) => Object.keys(m)))]
+      .filter((n, i, all) => all.indexOf(n) === i && !HIDDEN_SERIES.has(n) && metrics.some((m) => m[n] && m[n].length));
+    const contexts = jobs.map((j, i) => axisContext(j, metrics[i]));
+    for (const name of names) {
+      if (!figures[name]) {
+        const figure = chartFigure(`cmp-${name.replace(/[^a-z0-9_-]/gi, "_")}`, name);
+        grid.append(figure);
+        figures[name] = { figure, chart: makeLineChart(figure, [], { yTitle: name }) };
+      }
+      const { figure, chart } = figures[name];
+      setChartData(chart, figure, jobs.flatMap((j, i) => seriesDatasets(`${jobTitle(j)} (${methodOf(j)}, LDReg ${ldregOf(j)})`,
+        metrics[i][name] || [], i, { dash: i, ctx: contexts[i] })));
+    }
+  }
 
   async function refresh() {
     let comparison = null;
@@ -56,20 +74,11 @@ export function renderCompare(view, params) {
       if (!stale(generation)) notify(err.message, true);
       return;
     }
-    const metrics = await Promise.all(ids.map((id) => api(`/v1/jobs/${id}/metrics`).then((m) => m.series)));
+    const metrics = await Promise.all(ids.map((id) => api(`/v1/jobs/${id}/metrics?max_points=${MAX_POINTS}`).then((m) => m.series)));
     if (stale(generation)) return;
     renderComparisonSummary(summary, jobs, metrics, comparison);
-    const names = [...PLOTS.flatMap((p) => p.series), ...new Set(metrics.flatMap((m) => Object.keys(m)))]
-      .filter((n, i, all) => all.indexOf(n) === i && !HIDDEN_SERIES.has(n) && metrics.some((m) => m[n] && m[n].length));
-    for (const name of names) {
-      if (!figures[name]) {
-        const figure = chartFigure(`cmp-${name.replace(/[^a-z0-9_-]/gi, "_")}`, name);
-        grid.append(figure);
-        figures[name] = { figure, chart: makeLineChart(figure, [], { yTitle: name }) };
-      }
-      const { figure, chart } = figures[name];
-      setChartData(chart, figure, jobs.map((j, i) => dataset(`${jobTitle(j)} (${methodOf(j)}, LDReg ${ldregOf(j)})`, toXY(metrics[i][name] || []), i, i)));
-    }
+    last = [jobs, metrics];
+    drawCurves(jobs, metrics);
     if (jobs.every((j) => !ACTIVE.has(j.state))) {
       session.timers.forEach(clearInterval);
       session.timers = [];
@@ -78,9 +87,27 @@ export function renderCompare(view, params) {
   every(POLL_MS * 2, refresh);
 }
 
+/* How a job's values stand: final once it has finished, else the latest so far. */
+export function valuesLabel(job, compared) {
+  const final = compared ? compared.metrics && compared.metrics.final : !ACTIVE.has(job.state);
+  if (!final) return `latest (${job.state})`;
+  return job.state === "succeeded" ? "final" : `final (${job.state})`;
+}
+
 export function renderComparisonSummary(section, jobs, metrics, comparison) {
   const last = (pts) => (pts && pts.length ? pts.reduce((a, b) => (b.step >= a.step ? b : a)).value : undefined);
   const names = PLOTS.flatMap((p) => p.series).filter((n) => metrics.some((m) => m[n] && m[n].length));
+  const compared = Object.fromEntries(((comparison && comparison.jobs) || []).map((j) => [j.id, j]));
+  // A job's value of a series: the compare endpoint's (a finished job's summary on top),
+  // else its newest point.
+  const valueOf = (j, i, n) => {
+    const values = compared[j.id] && compared[j.id].metrics && compared[j.id].metrics.values;
+    return values && values[n] !== undefined ? values[n] : last(metrics[i][n]);
+  };
+  const cell = (j, i, n) => {
+    const running = ACTIVE.has(j.state);
+    return h("span", { class: running ? "latest" : null, title: running ? "the latest value of a running job" : null }, fmtNum(valueOf(j, i, n)));
+  };
   // Geometric-mean LIDs as the compare endpoint reports them (pretrain: MLE lid_gmean_k*).
   const lidRows = [];
   if (comparison) {
@@ -99,14 +126,18 @@ export function renderComparisonSummary(section, jobs, metrics, comparison) {
     ["method", jobs.map(methodOf)],
     ["LDReg", jobs.map(ldregOf)],
     ["epoch", jobs.map((j) => (j.progress.epochs ? `${j.progress.epoch}/${j.progress.epochs}` : "–"))],
-    ...names.map((n) => [`final ${n}`, metrics.map((m) => fmtNum(last(m[n])))]),
+    ["values", jobs.map((j) => h("span", { "data-values": ACTIVE.has(j.state) ? "latest" : "final" }, valuesLabel(j, compared[j.id])))],
+    ...names.map((n) => [n, jobs.map((j, i) => cell(j, i, n))]),
     ...lidRows,
   ];
   const table = h("table", { id: "compare-table" },
     h("caption", {}, comparison ? "The first job is the baseline." : ""),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, ""), jobs.map((j) => h("th", { scope: "col" }, h("a", { href: `#/jobs/${j.id}` }, jobTitle(j)))))),
     h("tbody", {}, rows.map(([label, values]) => h("tr", {}, h("th", { scope: "row" }, label), values.map((v) => h("td", {}, v))))));
-  const parts = [h("h2", { id: "cmp-sum-title" }, "Summary"), table];
+  // What differs between the jobs' specs first, then how their results differ.
+  const parts = [h("h2", { id: "cmp-sum-title" }, "Summary")];
+  if (comparison && Array.isArray(comparison.spec_diff)) parts.push(...specDiff(jobs, comparison.spec_diff));
+  parts.push(h("h3", {}, "Results"), table);
   const distances = comparison ? comparison.distances.flatMap((d) => d.lid.map((x) => ({ ...x, job_id: d.job_id }))) : [];
   if (distances.length) {
     const title = Object.fromEntries(jobs.map((j) => [j.id, jobTitle(j)]));
@@ -120,4 +151,16 @@ export function renderComparisonSummary(section, jobs, metrics, comparison) {
     parts.push(h("dl", { class: "definitions" }, Object.entries(defs).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
   }
   replaceIfChanged(section, ...parts);
+}
+
+/* Only the spec fields that differ between the jobs (GET /v1/compare's spec_diff). */
+export function specDiff(jobs, differences) {
+  const title = h("h3", { id: "cmp-spec-title" }, "Spec differences");
+  if (!differences.length) return [title, h("p", { id: "compare-spec-diff", class: "empty" }, "The specs are the same.")];
+  const fmt = (v) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  return [title, h("table", { id: "compare-spec-diff", "aria-labelledby": "cmp-spec-title" },
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "field"), jobs.map((j) => h("th", { scope: "col" }, jobTitle(j))))),
+    h("tbody", {}, differences.map((d) => h("tr", { "data-field": d.field },
+      h("th", { scope: "row", class: "mono" }, d.field),
+      d.values.map((v, i) => h("td", { class: i > 0 && JSON.stringify(v) !== JSON.stringify(d.values[0]) ? "mono changed" : "mono" }, fmt(v)))))))];
 }

@@ -7,12 +7,19 @@ export const STATES = ["queued", "running", "cancelling", "succeeded", "failed",
 export const ACTIVE = new Set(["queued", "running", "cancelling"]);
 export const KINDS = ["pretrain", "diagnose"];
 // Metric names of docs/science.md; each group is one plot.
+// The loss terms, lr and ldreg_lid_gmean have a point per training step besides each
+// epoch's value (docs/api.md, "Metrics"); the evaluations have one per evaluated epoch.
 export const PLOTS = [
-  { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"] },
-  { id: "lid", title: "Geometric-mean LID: held-out MLE (k32, k512) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"] },
-  { id: "rank", title: "Effective rank", series: ["effective_rank"] },
-  { id: "acc", title: "Held-out accuracy: kNN and online probe at every evaluation, offline linear probe (L2 chosen) at the end", series: ["knn_acc", "online_probe_acc", "linear_probe_acc"] },
+  { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"], yTitle: "loss, ssl_loss", y2Title: "ldreg_loss" },
+  { id: "lid", title: "Geometric-mean LID: held-out MLE (k32, k512) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"], yTitle: "LID (geometric mean)" },
+  { id: "rank", title: "Effective rank", series: ["effective_rank"], yTitle: "effective rank" },
+  { id: "acc", title: "Held-out accuracy: kNN and online probe at every evaluation, offline linear probe (L2 chosen) at the end", series: ["knn_acc", "online_probe_acc", "linear_probe_acc"], yTitle: "accuracy" },
+  { id: "lr", title: "Learning rate", series: ["lr"], yTitle: "lr" },
 ];
+// At most this many points per series in one metrics read (every epoch's value is kept
+// on top); a page that has gathered twice as many reads them thinned again.
+export const MAX_POINTS = 1500;
+export const LOG_POLL_MS = 1000;
 export const PLOTTED = new Set(PLOTS.flatMap((p) => p.series));
 export const HIDDEN_SERIES = new Set(["epoch_seconds"]);
 // Okabe–Ito palette: distinguishable with colour-blindness, dark enough on white.

@@ -1,7 +1,7 @@
 /* LDReg dashboard: a single page over HTTP API v1 (no build step, no framework).
  *
- * Views (hash routes): #/jobs, #/jobs/<id>, #/compare?jobs=a,b, #/submit; the sign-in
- * form whenever no key is held. The team API key lives in sessionStorage only: it is
+ * Views (hash routes): #/jobs, #/jobs/<id>, #/jobs/<id>/resubmit, #/compare?jobs=a,b,
+ * #/submit; the sign-in form (without the navigation bar) whenever no key is held. The team API key lives in sessionStorage only: it is
  * gone when the tab closes and never written to disk by us or sent anywhere but this
  * origin's API. Every piece of server data reaches the page through textContent (the
  * `h` helper), never innerHTML.
@@ -11,6 +11,7 @@ import { renderCompare } from "./compare.js";
 import { KEY_STORAGE, api, h, notify, parseHash, session } from "./core.js";
 import { renderJob } from "./job.js";
 import { renderJobs } from "./jobs.js";
+import { renderResubmit } from "./resubmit.js";
 import { renderSubmit } from "./submit.js";
 
 // ---------------------------------------------------------------------------------------
@@ -22,7 +23,9 @@ export function render() {
   session.timers = [];
   session.charts.forEach((c) => c.destroy());
   session.charts = [];
-  notify("");
+  // A message for the view being opened (set before navigating to it), else none.
+  notify(session.flash || "");
+  session.flash = null;
   const view = document.getElementById("view");
   view.replaceChildren();
   const nav = document.getElementById("nav");
@@ -33,6 +36,7 @@ export function render() {
     if (a.dataset.nav === parts[0]) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
+  if (parts[0] === "jobs" && parts[1] && parts[2] === "resubmit") return renderResubmit(view, decodeURIComponent(parts[1]));
   if (parts[0] === "jobs" && parts[1]) return renderJob(view, decodeURIComponent(parts[1]));
   if (parts[0] === "compare") return renderCompare(view, params);
   if (parts[0] === "submit") return renderSubmit(view);
