@@ -11,7 +11,8 @@ export const KINDS = ["pretrain", "diagnose"];
 // epoch's value (docs/api.md, "Metrics"); the evaluations have one per evaluated epoch.
 export const PLOTS = [
   { id: "loss", title: "Loss terms (ldreg_loss on the right axis)", series: ["loss", "ssl_loss", "ldreg_loss"], rightAxis: ["ldreg_loss"], yTitle: "loss, ssl_loss", y2Title: "ldreg_loss" },
-  { id: "lid", title: "Geometric-mean LID: held-out MLE (k32, k512) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"], yTitle: "LID (geometric mean)" },
+  // lid_gmean_k{k} is named by the k used (k = N - 1 on a small held-out set): any k.
+  { id: "lid", title: "Geometric-mean LID: held-out MLE (lid_gmean_k{k}, named by the k used) and the LDReg term's own estimate on training batches (ldreg_lid_gmean)", series: ["lid_gmean_k32", "lid_gmean_k512", "ldreg_lid_gmean"], pattern: /^lid_gmean_k\d+$/, yTitle: "LID (geometric mean)" },
   { id: "rank", title: "Effective rank", series: ["effective_rank"], yTitle: "effective rank" },
   { id: "acc", title: "Held-out accuracy: kNN and online probe at every evaluation, offline linear probe (L2 chosen) at the end", series: ["knn_acc", "online_probe_acc", "linear_probe_acc"], yTitle: "accuracy" },
   { id: "lr", title: "Learning rate", series: ["lr"], yTitle: "lr" },
@@ -21,6 +22,12 @@ export const PLOTS = [
 export const MAX_POINTS = 1500;
 export const LOG_POLL_MS = 1000;
 export const PLOTTED = new Set(PLOTS.flatMap((p) => p.series));
+/* The series one plot draws: its named ones, then those its pattern matches. */
+export function plotSeries(plot, series) {
+  const extra = plot.pattern ? Object.keys(series).filter((n) => plot.pattern.test(n) && !plot.series.includes(n)).sort() : [];
+  return [...plot.series, ...extra].filter((n) => series[n]);
+}
+export const isPlotted = (name) => PLOTTED.has(name) || PLOTS.some((p) => p.pattern && p.pattern.test(name));
 export const HIDDEN_SERIES = new Set(["epoch_seconds"]);
 // Okabe–Ito palette: distinguishable with colour-blindness, dark enough on white.
 export const COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B"];

@@ -1,6 +1,6 @@
 // One job: state, live charts, events, artifacts, diagnosis.
 import { axisContext, chartControls, chartFigure, makeLineChart, seriesDatasets, setChartData } from "./charts.js";
-import { ACTIVE, COLORS, HIDDEN_SERIES, LOG_POLL_MS, MAX_POINTS, PLOTS, PLOTTED, POLL_MS, api, every, fmtBytes, fmtNum, fmtTime, h, jobTitle, ldregOf, methodOf, notify, progressCell, replaceIfChanged, session, stale, stateBadge } from "./core.js";
+import { ACTIVE, COLORS, HIDDEN_SERIES, LOG_POLL_MS, MAX_POINTS, PLOTS, POLL_MS, api, every, fmtBytes, fmtNum, fmtTime, h, isPlotted, jobTitle, ldregOf, methodOf, notify, plotSeries, progressCell, replaceIfChanged, session, stale, stateBadge } from "./core.js";
 
 export function renderJob(view, jobId) {
   const generation = session.generation;
@@ -45,11 +45,11 @@ export function renderJob(view, jobId) {
     if (!charts) setupCharts();
     const ctx = axisContext(job, series);
     for (const { plot, figure, chart } of charts) {
-      const datasets = plot.series.filter((n) => series[n]).flatMap((n, i) =>
+      const datasets = plotSeries(plot, series).flatMap((n, i) =>
         seriesDatasets(n, series[n], i, { ctx, yAxisID: (plot.rightAxis || []).includes(n) ? "y2" : "y" }));
       setChartData(chart, figure, datasets);
     }
-    const others = Object.keys(series).filter((n) => !PLOTTED.has(n) && !HIDDEN_SERIES.has(n)).sort();
+    const others = Object.keys(series).filter((n) => !isPlotted(n) && !HIDDEN_SERIES.has(n)).sort();
     for (const name of others.slice(0, 12)) {
       if (!extraCharts[name]) {
         const figure = chartFigure(`extra-${name.replace(/[^a-z0-9_-]/gi, "_")}`, name);
