@@ -1,13 +1,20 @@
 """Datasets: every one yields ``(uint8 image (3, S, S), int label)`` at one square size
-``S``; file-based ones resolve their path under the data root and never outside it."""
+``S``; file-based ones resolve their path under the data root and never outside it.
+
+An image folder also serves its files' bytes (:class:`ImageFolderFiles`,
+:func:`fetch_encoded`), so SSL training crops from the full decoded image
+(:func:`decode_batch`: nvJPEG on CUDA, libjpeg-turbo / Pillow on the CPU)."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +23,6 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from ldreg.data.augment import hsv_to_rgb
 from ldreg.data_layout import CIFAR_FILES, layout_problem
 from ldreg.errors import DatasetError
 from ldreg.spec import DatasetSpec
@@ -216,6 +222,8 @@ def generate_synthetic(
     (golden-ratio spaced, ``0.618·c mod 1``); each image draws its own position, size,
     brightness, background and pixel noise, so classes are learnable but not trivial.
     """
+    from ldreg.data.augment import hsv_to_rgb  # augment imports this module
+
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_samples) % num_classes
     labels = labels[torch.randperm(num_samples, generator=generator)]
@@ -433,25 +441,151 @@ class _LoadSquareRGB:
         return v2.functional.center_crop(tensor, [self.size, self.size])
 
 
-def _build_image_folder(spec: DatasetSpec, path: Path, seed: int) -> DatasetBundle:
-    from torchvision.datasets import ImageFolder
+class EncodedImages(NamedTuple):
+    """A batch of encoded image files (JPEG, PNG, …) as one uint8 buffer: image ``i``
+    is ``data[offsets[i] : offsets[i + 1]]``. One tensor pair, so a loader pins and
+    moves it whole."""
 
+    data: Tensor  # (total bytes,) uint8
+    offsets: Tensor  # (B + 1,) int64
+
+    @classmethod
+    def from_blobs(cls, blobs: Sequence[Tensor]) -> EncodedImages:
+        sizes = torch.tensor([0] + [blob.numel() for blob in blobs], dtype=torch.long)
+        data = torch.cat(list(blobs)) if blobs else torch.zeros(0, dtype=torch.uint8)
+        return cls(data, sizes.cumsum(0))
+
+    def split(self) -> list[Tensor]:
+        """One 1-D uint8 tensor (a view) per file."""
+        bounds = self.offsets.tolist()
+        return [self.data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _is_jpeg(blob: Tensor) -> bool:
+    return blob.numel() >= 3 and blob[:3].tolist() == [0xFF, 0xD8, 0xFF]
+
+
+def _decode_cpu(blob: Tensor) -> Tensor:
+    # libjpeg-turbo / libpng through torchvision.io, else Pillow (BMP, TIFF, …): RGB.
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(blob, mode=ImageReadMode.RGB)
+        return image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
+    except RuntimeError:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as image:
+            return v2.functional.pil_to_tensor(image.convert("RGB"))
+
+
+def decode_batch(
+    blobs: Sequence[Tensor | bytes], device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """Decode encoded images (1-D uint8 CPU tensors, or bytes) to RGB uint8
+    ``(3, H_i, W_i)`` on ``device``.
+
+    On CUDA the JPEGs are decoded together by nvJPEG
+    (``torchvision.io.decode_jpeg(device=...)``) and anything else (or a batch nvJPEG
+    refuses, e.g. CMYK) on the CPU, then moved; on the CPU, each with
+    ``torchvision.io.decode_image`` (libjpeg-turbo, libpng), falling back to Pillow for
+    the formats it lacks. EXIF orientation is not applied (as Pillow's ``open``, which
+    the evaluation path uses). nvJPEG and libjpeg-turbo may differ by a level here and
+    there (IDCT and chroma upsampling)."""
+    device = torch.device(device)
+    tensors = [
+        blob if isinstance(blob, Tensor) else torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        for blob in blobs
+    ]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if device.type != "cuda":
+            return [_decode_cpu(blob).to(device) for blob in tensors]
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[Tensor | None] = [None] * len(tensors)
+        jpegs = [i for i, blob in enumerate(tensors) if _is_jpeg(blob)]
+        if jpegs:
+            try:
+                decoded = decode_jpeg(
+                    [tensors[i] for i in jpegs], mode=ImageReadMode.RGB, device=device
+                )
+                for i, image in zip(jpegs, decoded, strict=True):
+                    out[i] = image
+            except RuntimeError:
+                pass  # decoded one by one on the CPU below
+        for i, blob in enumerate(tensors):
+            if out[i] is None:
+                out[i] = _decode_cpu(blob).pin_memory().to(device, non_blocking=True)
+        return [image for image in out if image is not None]
+
+
+class ImageFolderFiles(Dataset):
+    """An image folder's ``(path, label)`` list (torchvision's ``ImageFolder`` scan).
+
+    Items are the evaluation images: RGB, shorter side to ``size``, centre crop, uint8
+    ``(3, size, size)`` (Pillow). :meth:`get_encoded` gives the files' bytes instead, so
+    SSL training can take its random resized crops from the full decoded image (the
+    papers' recipe) rather than from that square.
+    """
+
+    def __init__(self, root: str, size: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(root, transform=_LoadSquareRGB(size))
+        self.classes: list[str] = self.folder.classes
+        self.targets: list[int] = self.folder.targets
+        self.samples: list[tuple[str, int]] = self.folder.samples
+        self.image_size = size
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.folder[index]
+        return image, int(label)
+
+    def get_encoded(self, indices: Sequence[int]) -> tuple[EncodedImages, Tensor]:
+        """The files of ``indices`` as :class:`EncodedImages`, and their labels."""
+        blobs = []
+        for i in indices:
+            raw = Path(self.samples[i][0]).read_bytes()
+            blobs.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        labels = torch.tensor([self.samples[i][1] for i in indices], dtype=torch.long)
+        return EncodedImages.from_blobs(blobs), labels
+
+
+def fetch_encoded(dataset: Dataset, indices: Sequence[int]) -> tuple[EncodedImages, Tensor] | None:
+    """The encoded files of ``indices`` when ``dataset`` serves them (an image folder,
+    or a ``Subset`` of one), else ``None``."""
+    if isinstance(dataset, Subset):
+        return fetch_encoded(dataset.dataset, [dataset.indices[i] for i in indices])
+    if isinstance(dataset, ImageFolderFiles):
+        return dataset.get_encoded(indices)
+    return None
+
+
+def _build_image_folder(spec: DatasetSpec, path: Path, seed: int) -> DatasetBundle:
     size = spec.image_size or 224
-    load = _LoadSquareRGB(size)
+    train: Dataset
+    val: Dataset
     try:
         if (path / "train").is_dir() and (path / "val").is_dir():
-            train = ImageFolder(str(path / "train"), transform=load)
-            val = ImageFolder(str(path / "val"), transform=load)
-            if train.classes != val.classes:
+            train_files = ImageFolderFiles(str(path / "train"), size)
+            val_files = ImageFolderFiles(str(path / "val"), size)
+            if train_files.classes != val_files.classes:
                 raise DatasetError(
                     f"'{spec.path}': train/ and val/ have different class folders",
                     code="dataset_malformed",
                 )
+            train, val, classes = train_files, val_files, train_files.classes
         else:
-            full = ImageFolder(str(path), transform=load)
+            full = ImageFolderFiles(str(path), size)
             train_idx, val_idx = _split_indices(np.asarray(full.targets), spec.val_fraction, seed)
             train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
-            train.classes = full.classes  # type: ignore[attr-defined]
+            classes = full.classes
+            train.classes = classes  # type: ignore[attr-defined]
     except FileNotFoundError as e:
         raise DatasetError(
             f"image_folder '{spec.path}': {e}; expected <class>/<image> files (or train/ and"
@@ -461,7 +595,7 @@ def _build_image_folder(spec: DatasetSpec, path: Path, seed: int) -> DatasetBund
     return DatasetBundle(
         train=train,
         val=val,
-        num_classes=len(train.classes),
+        num_classes=len(classes),
         image_size=size,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -478,8 +612,9 @@ def build_datasets(spec: DatasetSpec, *, data_root: Path, seed: int = 0) -> Data
       ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder); official train/test
       split; never downloads.
     * ``image_folder``: ``path/train`` and ``path/val`` of class sub-folders, or a single
-      folder of class sub-folders split by ``val_fraction``; images are resized to
-      ``image_size`` (224) and normalised with ImageNet statistics.
+      folder of class sub-folders split by ``val_fraction``; items are resized to
+      ``image_size`` (224: shorter side, centre crop) and normalised with ImageNet
+      statistics, while SSL training crops from the full images (:func:`fetch_encoded`).
     * ``npz``: ``images`` (N, H, W[, C]) uint8 or float in [0, 1], optional integer
       ``labels``; loaded with ``allow_pickle=False``; seeded split by ``val_fraction``.
     """

@@ -1,19 +1,24 @@
 """Reproducible loaders: the SSL loader of two augmented views, whose randomness is a
-pure function of ``(seed, epoch, rank, batch index)``, and the evaluation loader."""
+pure function of ``(seed, epoch, rank, batch index)``, and the evaluation loader.
+
+The SSL loader makes the views in its workers (the default, for CPU training), or, with
+``augment_on="device"``, yields :class:`RawBatch` es — the images, labels and batch
+seed — that a :class:`~ldreg.data.augment.TwoViewAugment` turns into the very same views
+on the training device."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldreg.data.augment import BatchViewAugment, view_augmentations
-from ldreg.data.datasets import fetch_batch
+from ldreg.data.augment import TwoViewAugment, view_augmentations
+from ldreg.data.datasets import EncodedImages, fetch_batch, fetch_encoded
 from ldreg.errors import DatasetError
 
 # --------------------------------------------------------------------------- loaders
@@ -71,32 +76,45 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(index, batch_seed) for index in batch]
 
 
-class _TwoViewBatches(Dataset):
-    """Fetches and augments a whole batch in one ``__getitems__`` call (in the worker)."""
+class RawBatch(NamedTuple):
+    """A batch to augment on the training device (``make_ssl_loader(augment_on="device")``).
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        augments: tuple[BatchViewAugment, BatchViewAugment],
-        clean: _NormalisedBatches | None = None,
-    ) -> None:
+    Attributes:
+        images: uint8 ``(B, 3, S, S)`` (pinned when the loader pins memory), or, for an
+            image folder, the files' :class:`EncodedImages`, decoded where they are
+            augmented.
+        labels: int64 ``(B,)``.
+        seed: the batch's augmentation seed (:class:`EpochBatchSampler`); pass it to
+            :class:`~ldreg.data.augment.TwoViewAugment` with the images.
+    """
+
+    images: Tensor | EncodedImages
+    labels: Tensor
+    seed: int
+
+
+class _TwoViewBatches(Dataset):
+    """Fetches a whole batch in one ``__getitems__`` call (in the worker) and augments it
+    there, or, without an augmenter, hands it on as a :class:`RawBatch`."""
+
+    def __init__(self, dataset: Dataset, augment: TwoViewAugment | None) -> None:
         self.dataset = dataset
-        self.augments = augments
-        self.clean = clean
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, ...]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, ...] | RawBatch:
         return self.__getitems__([item])
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[Tensor, ...]:
-        images, labels = fetch_batch(self.dataset, [index for index, _ in items])
-        generator = torch.Generator().manual_seed(items[0][1])
-        views = self.augments[0](images, generator), self.augments[1](images, generator)
-        if self.clean is None:
-            return (*views, labels)
-        return (*views, labels, self.clean.normalise(images))
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[Tensor, ...] | RawBatch:
+        indices, seed = [index for index, _ in items], items[0][1]
+        fetched = fetch_encoded(self.dataset, indices)
+        images, labels = fetched if fetched is not None else fetch_batch(self.dataset, indices)
+        if self.augment is None:
+            return RawBatch(images, labels, seed)
+        view1, view2, clean = self.augment(images, seed)
+        return (view1, view2, labels) if clean is None else (view1, view2, labels, clean)
 
 
 class _NormalisedBatches(Dataset):
@@ -139,11 +157,21 @@ def make_ssl_loader(
     rank: int = 0,
     world_size: int = 1,
     with_clean: bool = False,
+    augment_on: Literal["loader", "device"] = "loader",
 ) -> DataLoader:
     """A loader of ``(view1, view2, labels)`` batches for one epoch of one rank.
 
     With ``with_clean`` each batch also carries the un-augmented, normalised images
     (``(view1, view2, labels, clean)``), the input of the online probe.
+
+    ``augment_on="device"``: the loader yields :class:`RawBatch` es instead (uint8
+    images, pinned with ``pin_memory``; labels; the batch seed), and
+    ``TwoViewAugment(kind, image_size, mean, std, with_clean=...)`` makes the same
+    views from them on the training device (``with_clean`` is then the augmenter's).
+
+    Image folders are cropped from their full images (the files are decoded in the
+    workers, or on the device in ``"device"`` mode); the clean images are their
+    evaluation transform (shorter side to ``image_size``, centre crop).
 
     Shuffling and augmentation are a pure function of ``(seed, epoch, rank)`` (see
     :class:`EpochBatchSampler`), so rebuilding the loader for a resumed epoch yields the
@@ -164,12 +192,16 @@ def make_ssl_loader(
             f" device; lower batch_size or use a larger dataset",
             code="batch_larger_than_dataset",
         )
-    first, second = view_augmentations(kind, image_size)
-    augments = (BatchViewAugment(first, mean, std), BatchViewAugment(second, mean, std))
+    if augment_on not in ("loader", "device"):
+        raise ValueError(f"augment_on must be 'loader' or 'device', not {augment_on!r}")
+    view_augmentations(kind, image_size)  # an unknown kind fails here, not in a worker
+    augment = (
+        TwoViewAugment(kind, image_size, mean, std, with_clean=with_clean)
+        if augment_on == "loader"
+        else None
+    )
     return DataLoader(
-        _TwoViewBatches(
-            dataset, augments, _NormalisedBatches(dataset, mean, std) if with_clean else None
-        ),
+        _TwoViewBatches(dataset, augment),
         batch_sampler=sampler,
         collate_fn=_batch_as_is,
         num_workers=num_workers,
