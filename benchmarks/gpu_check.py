@@ -24,7 +24,8 @@ failed. What it covers, because the CPU suite cannot:
   device-resident batches (``bench_ceiling.py``), SimCLR ResNet-18 at 32 px and
   ResNet-50 at 224 px, target >= 90 %;
 * exact diagnosis of 1 000 000 x 512 (k = 64, MLE + MoM) on the GPU, target < 2 min;
-* the augmentation on the device (two views of 224 px batches) and the GPU JPEG decoder.
+* the augmentation on the device (two views of 224 px batches, images/s against one CPU
+  core) and the GPU JPEG decoder against the CPU's.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldreg import launch
 from ldreg.checkpoint import list_checkpoints
+from ldreg.data import TwoViewAugment, decode_batch
 from ldreg.diagnose import diagnose_embeddings
 from ldreg.lid import knn, lid_mle, lid_mom
 from ldreg.regularizer import LDReg
@@ -363,6 +365,79 @@ def speed_exact_diagnosis_1m():
     }
 
 
+def _jpeg_blobs(n: int, size: int) -> list[torch.Tensor]:
+    from torchvision.io import encode_jpeg
+
+    g = torch.Generator().manual_seed(5)
+    blobs = []
+    for i in range(n):
+        h, w = size + 37 * (i % 3), size + 23 * (i % 4)  # mixed sizes, as in a folder
+        smooth = torch.nn.functional.interpolate(
+            torch.rand(1, 3, h // 8, w // 8, generator=g), size=(h, w), mode="bilinear"
+        )
+        blobs.append(encode_jpeg((smooth[0] * 255).to(torch.uint8), quality=90))
+    return blobs
+
+
+@check("jpeg_decode_device_equals_cpu")
+def jpeg_decode_device_equals_cpu():
+    # nvJPEG on CUDA against libjpeg-turbo on the CPU: the same pixels up to the
+    # decoders' rounding (a grey level or two).
+    blobs = _jpeg_blobs(8, 64 if SMOKE else 256)
+    cpu = decode_batch(blobs, "cpu")
+    dev = decode_batch(blobs, DEV)
+    worst = max(int((a.int() - b.cpu().int()).abs().max()) for a, b in zip(cpu, dev, strict=True))
+    assert all(a.shape == b.shape for a, b in zip(cpu, dev, strict=True))
+    assert worst <= 3, worst
+    return {"images": len(blobs), "max_abs_diff_grey_levels": worst}
+
+
+@check("speed_augment_on_device")
+def speed_augment_on_device():
+    # Two SimCLR views (+ clean images) of 224 px batches made on the device from a
+    # uint8 batch in pinned memory, against the same on one CPU thread; the views must
+    # agree to float rounding.
+    size, batch, reps = (32, 16, 2) if SMOKE else (224, 256, 20)
+    g = torch.Generator().manual_seed(6)
+    images = torch.randint(0, 256, (batch, 3, size + 32, size + 32), generator=g, dtype=torch.uint8)
+    if DEV == "cuda":
+        images = images.pin_memory()
+    augment = TwoViewAugment("simclr", size, (0.5,) * 3, (0.25,) * 3, with_clean=True)
+    on_cpu = augment(images[:8], 123, device="cpu")
+    on_dev = augment(images[:8], 123, device=DEV)
+    diff = max(
+        float((a - b.cpu()).abs().max()) for a, b in zip(on_cpu[:2], on_dev[:2], strict=True)
+    )
+    assert diff < 1e-3, diff
+
+    def rate(device: str, n: int) -> float:
+        augment(images, 0, device=device)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for seed in range(n):
+            augment(images, seed, device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return batch * n / (time.perf_counter() - started)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu_rate = rate("cpu", 1 if SMOKE else 2)
+    finally:
+        torch.set_num_threads(threads)
+    dev_rate = rate(DEV, reps)
+    return {
+        "image_size": size,
+        "batch": batch,
+        "max_abs_diff_vs_cpu": diff,
+        "device_images_per_s": round(dev_rate, 1),
+        "cpu_one_thread_images_per_s": round(cpu_rate, 1),
+        "device_over_one_core": round(dev_rate / cpu_rate, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -385,10 +460,12 @@ def main() -> None:
         ldreg_gradient_cuda_equals_cpu,
         diagnose_cuda_equals_cpu,
         nccl_launch_one_rank,
+        jpeg_decode_device_equals_cpu,
     ]
     if not args.quick:
         checks += [speed_knn_gpu_vs_cpu, speed_train_gpu_vs_cpu]
-        checks += [ceiling_check("r18-32"), ceiling_check("r50-224"), speed_exact_diagnosis_1m]
+        checks += [speed_augment_on_device, ceiling_check("r18-32"), ceiling_check("r50-224")]
+        checks += [speed_exact_diagnosis_1m]
     for run in checks:
         if args.only in run.__name__:
             run()

@@ -260,6 +260,12 @@ class PretrainSpec(_Spec):
         description="torch.compile the training step: faster steps on a GPU after a"
         " compilation of a minute or more at the start (and at each resume)",
     )
+    augment_on: Literal["auto", "loader", "device"] = Field(
+        default="auto",
+        description="where the two views are made: device = on the training device from"
+        " uint8 batches, loader = in the loader's CPU workers; auto = device on CUDA,"
+        " loader on the CPU",
+    )
     checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     devices: Annotated[int, Field(ge=1, le=64)] = 1
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0

@@ -37,7 +37,15 @@ from ldreg.checkpoint import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from ldreg.data import DatasetBundle, build_datasets, derive_seed, make_eval_loader, make_ssl_loader
+from ldreg.data import (
+    DatasetBundle,
+    RawBatch,
+    TwoViewAugment,
+    build_datasets,
+    derive_seed,
+    make_eval_loader,
+    make_ssl_loader,
+)
 from ldreg.errors import NonFiniteLossError, TrainingCancelled, UserError
 from ldreg.evaluation import (
     OnlineLinearProbe,
@@ -59,7 +67,7 @@ BACKBONE_FORMAT = "ldreg-backbone-v1"
 STOP_POLL_STEPS = 5
 EVAL_BATCH_SIZE = 256
 # Spec fields that may change between a run and its resumption without changing it.
-RESUMABLE_CHANGES = {"devices", "num_workers", "compile"}
+RESUMABLE_CHANGES = {"devices", "num_workers", "compile", "augment_on"}
 
 
 # --------------------------------------------------------------------------- model
@@ -498,6 +506,10 @@ class _RankRun:
         )
         self.model = model.to(device).to(memory_format=self.memory_format)
         self.method = self.model.method
+        self.probe_on_clean = (
+            self.model.probe is not None and spec.eval.online_probe_input == "clean"
+        )
+        self.augment = self._augment_on_device()
 
         self.steps_per_epoch = len(self.loader(1))
         self.total_steps = spec.epochs * self.steps_per_epoch
@@ -520,6 +532,21 @@ class _RankRun:
         self.last_good: Path | None = None
         self.train_model: nn.Module = self.model
 
+    def _augment_on_device(self) -> TwoViewAugment | None:
+        """The augmentation that makes the views on the training device, or None when
+        the loader's workers make them (``augment_on``; ``auto``: on the device on
+        CUDA, in the loader on the CPU, where the workers are the parallelism)."""
+        where = self.spec.augment_on
+        if where == "loader" or (where == "auto" and self.device.type != "cuda"):
+            return None
+        return TwoViewAugment(
+            self.method.augmentation,
+            self.bundle.image_size,
+            self.bundle.mean,
+            self.bundle.std,
+            with_clean=self.probe_on_clean,
+        )
+
     def loader(self, epoch: int) -> Any:
         spec = self.spec
         return make_ssl_loader(
@@ -536,7 +563,8 @@ class _RankRun:
             drop_last=True,
             rank=self.rank,
             world_size=self.world_size,
-            with_clean=self.model.probe is not None and spec.eval.online_probe_input == "clean",
+            with_clean=self.probe_on_clean,
+            augment_on="loader" if self.augment is None else "device",
         )
 
     def resume(self) -> tuple[int, dict[str, float] | None]:
@@ -596,7 +624,7 @@ class _RankRun:
         ldreg_on = spec.ldreg is not None and epoch > spec.ldreg.warmup_epochs
         sums: dict[str, float] = defaultdict(float)
         count, log_lid_sum, lr = 0, 0.0, self.base_lr
-        for i, (view1, view2, labels, *clean) in enumerate(self.loader(epoch)):
+        for i, batch in enumerate(self.loader(epoch)):
             step = (epoch - 1) * self.steps_per_epoch + i
             lr = cosine_lr(
                 step,
@@ -604,9 +632,7 @@ class _RankRun:
                 warmup_steps=self.warmup_steps,
                 base_lr=self.base_lr,
             )
-            step_metrics, probe_acc = self.train_step(
-                epoch, i, step, lr, (view1, view2, labels, clean[0] if clean else None), ldreg_on
-            )
+            step_metrics, probe_acc = self.train_step(epoch, i, step, lr, batch, ldreg_on)
             for name, value in step_metrics.items():
                 if name == "ldreg_lid_gmean":  # the epoch's value is a geometric mean
                     log_lid_sum += math.log(value)
@@ -637,18 +663,29 @@ class _RankRun:
         i: int,
         step: int,
         lr: float,
-        batch: tuple[Tensor, Tensor, Tensor, Tensor | None],
+        batch: RawBatch | tuple[Tensor, ...],
         ldreg_on: bool,
     ) -> tuple[dict[str, float], float]:
-        """One optimizer step; returns the step's logged metrics and the probe's
-        batch accuracy (the mean over ranks; NaN without a probe)."""
+        """One optimizer step on a loader batch (views made in the loader, or a raw
+        batch whose views are made here on the device); returns the step's logged
+        metrics and the probe's batch accuracy (the mean over ranks; NaN without a
+        probe)."""
         set_lr(self.optimizer, lr)
         device = self.device
-        view1, view2, clean = (
-            None if t is None else t.to(device, non_blocking=True, memory_format=self.memory_format)
-            for t in (batch[0], batch[1], batch[3])
-        )
-        labels = batch[2].to(device, non_blocking=True)
+        if isinstance(batch, RawBatch):
+            assert self.augment is not None
+            views = self.augment(batch.images, batch.seed, device=device)
+            view1, view2, clean = views.view1, views.view2, views.clean
+            labels = batch.labels
+        else:
+            view1, view2, labels, *rest = batch
+            clean = rest[0] if rest else None
+        layout = self.memory_format
+        view1 = view1.to(device, non_blocking=True, memory_format=layout)
+        view2 = view2.to(device, non_blocking=True, memory_format=layout)
+        if clean is not None:
+            clean = clean.to(device, non_blocking=True, memory_format=layout)
+        labels = labels.to(device, non_blocking=True)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = self.train_model(view1, view2, labels, ldreg_on, clean)

@@ -46,6 +46,9 @@ def test_gpu_check_runs_its_speed_checks_on_the_cpu_path(tmp_path):
         assert result["real_over_ceiling"] == pytest.approx(
             result["real_img_s"] / result["ceiling_img_s"], rel=0.01
         )
+    augment = results["speed_augment_on_device"]
+    assert augment["ok"] and augment["max_abs_diff_vs_cpu"] == 0.0  # the same device here
+    assert augment["device_images_per_s"] > 0
     diagnosis = results["speed_exact_diagnosis_1m"]
     assert diagnosis["ok"] and diagnosis["n"] == 20_000
     assert diagnosis["lid_gmean"]["mle"]["64"] > 1.0

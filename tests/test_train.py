@@ -153,6 +153,18 @@ def test_a_run_resumed_under_torch_compile_matches_the_eager_run(uninterrupted, 
     assert summary["loss"] == pytest.approx(reference_summary["loss"], rel=1e-3)
 
 
+def test_views_made_on_the_device_train_the_same_model_as_views_made_in_the_loader(tmp_path):
+    # augment_on: device takes raw uint8 batches and makes the views in the training
+    # process (on the GPU in production); the randomness is the batch seed's either way.
+    weights = {}
+    for where in ("loader", "device"):
+        run_dir = tmp_path / where
+        spec = tiny_spec(augment_on=where, epochs=2, num_workers=1 if where == "device" else 0)
+        pretrain(spec, run_dir=run_dir, data_root=tmp_path)
+        weights[where] = final_model(run_dir)
+    assert_same_weights(weights["device"], weights["loader"])
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_valid_one(uninterrupted, tmp_path):
     reference_dir, _ = uninterrupted
     shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
@@ -231,7 +243,7 @@ def test_diverging_loss_stops_with_epoch_step_and_last_good_checkpoint(tmp_path)
         ldreg=None,
         optimizer={
             "name": "sgd",
-            "lr": 0.3,
+            "lr": 1.0,
             "lr_scaling": "none",
             "warmup_epochs": 2,
             "momentum": 0.0,
