@@ -20,7 +20,7 @@ from api.edge import EdgeChecks
 from api.errors import install_error_handlers
 from api.observability import install_observability
 from api.reads import close_reads
-from api.routes import compare, dashboard, health, jobs, logs, uploads
+from api.routes import compare, dashboard, health, jobs, logs, scheduling, uploads
 from service.logging import configure_logging
 from service.settings import Settings, get_settings
 
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     # Included flat with the version prefix: a nested /v1 router makes FastAPI rebuild
     # every route once more at start-up.
-    for router in (jobs.router, logs.router, uploads.router, compare.router):
+    for router in (jobs.router, logs.router, uploads.router, compare.router, scheduling.router):
         app.include_router(router, prefix="/v1")
     dashboard.install_dashboard(app)
     return app

@@ -106,7 +106,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     if parts and parts[0] in ("body", "query", "path", "header"):
         where = parts.pop(0)
         # A discriminated union puts the tag ("pretrain") in the path; it is noise.
-        if where == "body" and parts and parts[0] in ("pretrain", "diagnose"):
+        if where == "body" and parts and parts[0] in ("pretrain", "diagnose", "sweep"):
             parts.pop(0)
     return ".".join(str(p) for p in parts)
 

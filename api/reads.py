@@ -77,6 +77,9 @@ JOB_OUT_COLUMNS = (
     "progress_images_per_second",
     "progress_eta_seconds",
     "progress_updated_at",
+    "parent_id",
+    "sweep_arm",
+    "sweep_seed",
 )
 
 
@@ -166,6 +169,9 @@ class JobRow:
     progress_images_per_second: float | None
     progress_eta_seconds: float | None
     progress_updated_at: Any
+    parent_id: str | None
+    sweep_arm: str | None
+    sweep_seed: int | None
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,7 @@ class Reads:
 def _keyed_job(row: Mapping[str, Any] | None) -> KeyedJob:
     if row is None:
         return KeyedJob(None, None)
-    job = JobRow(*(row[name] for name in JOB_OUT_COLUMNS)) if row["id"] is not None else None
+    job = JobRow(**{name: row[name] for name in JOB_OUT_COLUMNS}) if row["id"] is not None else None
     return KeyedJob(row["key_team_id"], job)
 
 

@@ -11,10 +11,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from api.reads import JobRow
 from ldreg.spec import DiagnoseSpec, PretrainSpec, storable_text
 from service.errors import error_kind
-from service.models import Artifact, Job
+from service.models import SWEEP_KIND, Artifact, Job
+from service.sweeps import SweepSpec
 
 JobStateName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-JobKindName = Literal["pretrain", "diagnose"]
+JobKindName = Literal["pretrain", "diagnose", "sweep"]
 
 
 class _Request(BaseModel):
@@ -48,8 +49,18 @@ class DiagnoseJobCreate(_Request):
     spec: DiagnoseSpec
 
 
+class SweepJobCreate(_Request):
+    """A sweep (docs/sweeps.md): one pretrain job per arm and seed, and a report."""
+
+    kind: Literal["sweep"]
+    name: JobName | None = None
+    spec: SweepSpec
+
+
 # Tagged by "kind", so a bad spec is reported against the right model's fields.
-JobCreate = Annotated[PretrainJobCreate | DiagnoseJobCreate, Field(discriminator="kind")]
+JobCreate = Annotated[
+    PretrainJobCreate | DiagnoseJobCreate | SweepJobCreate, Field(discriminator="kind")
+]
 
 
 class JobValidation(BaseModel):
@@ -60,6 +71,9 @@ class JobValidation(BaseModel):
     kind: JobKindName
     name: str | None
     spec: dict[str, Any]
+    children: int | None = Field(
+        default=None, description="for a sweep: how many pretrain jobs it would run"
+    )
 
 
 class Progress(BaseModel):
@@ -119,9 +133,30 @@ class JobOut(BaseModel):
         description="in GET /v1/jobs, for a queued job: 1 when it is the next to run in"
         " its queue (every team's queued jobs, in the order they entered it); else null",
     )
+    queue_reason: str | None = Field(
+        default=None,
+        description="in GET /v1/jobs, for a queued job: why it is not running yet (the"
+        " scheduler's reason, as in GET /v1/queue); else null",
+    )
+    parent_id: str | None = Field(
+        default=None, description="for a sweep's child: the sweep's id (else null)"
+    )
+    sweep_arm: str | None = Field(default=None, description="for a sweep's child: its arm")
+    sweep_seed: int | None = Field(default=None, description="for a sweep's child: its seed")
+    children: int | None = Field(
+        default=None,
+        description="for a sweep: how many children it runs (its progress counts the"
+        " finished ones in epoch of epochs); else null",
+    )
 
     @classmethod
-    def from_job(cls, job: Job | JobRow, *, queue_position: int | None = None) -> JobOut:
+    def from_job(
+        cls,
+        job: Job | JobRow,
+        *,
+        queue_position: int | None = None,
+        queue_reason: str | None = None,
+    ) -> JobOut:
         """From a ``Job``, or a ``JobRow`` of the poll (api/reads.py), which selects
         exactly the columns read here (``JOB_OUT_COLUMNS``)."""
         running = job.state in ("running", "cancelling")
@@ -157,6 +192,11 @@ class JobOut(BaseModel):
             spec=job.spec,
             worker=job.worker,
             queue_position=queue_position,
+            queue_reason=queue_reason,
+            parent_id=job.parent_id,
+            sweep_arm=job.sweep_arm,
+            sweep_seed=job.sweep_seed,
+            children=job.progress_epochs if job.kind == SWEEP_KIND else None,
         )
 
 

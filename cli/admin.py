@@ -82,3 +82,19 @@ def revoke_key(
     with _session() as session:
         key = auth.revoke_key(session=session, key_or_prefix=key_or_prefix)
         typer.echo(f"revoked key {key.prefix}… (revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC)")
+
+
+def team_weight(
+    team: str = typer.Argument(..., help="team name or id"),
+    weight: float = typer.Argument(..., min=0.01, max=1000.0, help="its share (default 1)"),
+) -> None:
+    """Set a team's fair-share weight: under contention teams get GPUs in proportion
+    to their weights (docs/operations.md, "Scheduling")."""
+    from service import auth
+
+    with _session() as session:
+        found = auth.find_team(session=session, name_or_id=team)
+        if found is None:
+            fail(f"no team {team!r}")
+        found.weight = weight
+        typer.echo(f"team {found.name!r} now has weight {weight:g}")

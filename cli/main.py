@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from cli import admin, local, remote
+from cli import scheduling as scheduling_cmds
 from cli import service as service_cmds
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ admin_app.command("migrate")(admin.migrate)
 admin_app.command("create-team")(admin.create_team)
 admin_app.command("create-key")(admin.create_key)
 admin_app.command("revoke-key")(admin.revoke_key)
+admin_app.command("team-weight")(admin.team_weight)
 
 # The service: API and worker together, or alone.
 app.command("serve")(service_cmds.serve)
@@ -47,6 +49,10 @@ app.command("artifacts")(remote.artifacts)
 app.command("download")(remote.download)
 app.command("diagnose")(remote.diagnose)
 app.command("compare")(remote.compare)
+app.command("sweep")(remote.sweep)
+app.command("report")(remote.report)
+app.command("workers")(scheduling_cmds.workers)
+app.command("queue")(scheduling_cmds.queue)
 
 
 def main() -> None:

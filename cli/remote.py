@@ -1,5 +1,6 @@
 """HTTP client commands: ``ldreg submit``, ``jobs``, ``status``, ``watch``, ``logs``,
-``metrics``, ``cancel``, ``retry``, ``artifacts``, ``download``, ``diagnose``, ``compare``.
+``metrics``, ``cancel``, ``retry``, ``artifacts``, ``download``, ``diagnose``, ``compare``,
+``sweep``, ``report``.
 
 Every JOB argument takes a job id or a unique prefix of at least 6 characters of one
 (the API resolves it among the team's jobs).
@@ -129,6 +130,8 @@ def _ldreg_label(job: Job) -> str:
 
 def _progress_text(job: Job) -> str:
     p = job.progress
+    if job.kind == "sweep":  # its children: finished of all
+        return f"{p.epoch}/{p.epochs} children"
     return f"{p.epoch}/{p.epochs}" if p.epochs else "-"
 
 
@@ -143,8 +146,11 @@ def _position_text(job: Job) -> str:
 
 def _step_text(job: Job) -> str:
     """``epoch 2/10 step 37/120`` (the epoch in progress) while a run reports steps,
-    else the epochs finished; a diagnosis' share of points done."""
+    else the epochs finished; a diagnosis' share of points done; a sweep's children
+    finished."""
     p = job.progress
+    if job.kind == "sweep":
+        return f"{p.epoch}/{p.epochs} children finished"
     in_epoch = p.epoch_step
     if job.state in ("running", "cancelling") and in_epoch is not None and p.epoch < p.epochs:
         step, steps = in_epoch
@@ -220,6 +226,8 @@ def _print_job(job: Job) -> None:
     table.add_row("id", job.id)
     table.add_row("name", job.name or "-")
     table.add_row("kind", job.kind)
+    if job.parent_id:
+        table.add_row("sweep", f"{job.parent_id}  (arm {job.sweep_arm}, seed {job.sweep_seed})")
     if job.kind == "pretrain":
         table.add_row("method", f"{job.method or '-'}  (LDReg {_ldreg_label(job)})")
     table.add_row("state", job.state)
@@ -233,7 +241,11 @@ def _print_job(job: Job) -> None:
     if job.error is not None:
         table.add_row("error", f"[red]{job.error.code}: {job.error.message}[/red]")
     out.print(table)
-    if job.summary:
+    if job.kind == "sweep":
+        err.print(
+            f"its children: ldreg jobs --parent {job.id[:8]}; its report: ldreg report {job.id[:8]}"
+        )
+    elif job.summary:
         _print_summary(job.summary)
 
 
@@ -290,7 +302,12 @@ def _load_spec(path: Path, kind: str | None) -> tuple[str, dict[str, Any], str |
         kind = kind or doc.get("kind")
         name = doc.get("name")
         doc = doc["spec"]
-    kind = kind or ("diagnose" if "source" in doc else "pretrain")
+    if kind is None:
+        kind = "pretrain"
+        if "source" in doc:
+            kind = "diagnose"
+        elif "base" in doc and "seeds" in doc:  # docs/sweeps.md
+            kind = "sweep"
     return kind, doc, name
 
 
@@ -487,15 +504,18 @@ def submit(
 
 def jobs(
     state: Annotated[str | None, typer.Option("--state", help="only jobs in this state")] = None,
-    kind: Annotated[str | None, typer.Option("--kind", help="pretrain | diagnose")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="pretrain | diagnose | sweep")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="only the children of this sweep (id or prefix)")
+    ] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """The team's jobs, newest first."""
     with _api(url, api_key) as api:
-        found = list(api.jobs(state=state, kind=kind, limit=limit))
+        found = list(api.jobs(state=state, kind=kind, limit=limit, parent=parent))
     if as_json:
         for job in found:
             print(job.model_dump_json())
@@ -879,3 +899,159 @@ def _print_comparison(result: Comparison) -> None:
                 ],
             )
         out.print(dist)
+
+
+# Sweeps (docs/sweeps.md) ------------------------------------------------------------
+
+
+def sweep(
+    spec_file: Annotated[
+        Path, typer.Argument(help="sweep spec (YAML or JSON): base, grid, seeds, ...")
+    ],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="follow it until every child has finished")
+    ] = False,
+    name: Annotated[str | None, typer.Option("--name", help="a name for the sweep")] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between polls (--wait)")
+    ] = 2.0,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a sweep: one pretrain job per arm and seed, and a report with a verdict
+    per arm and metric. Prints its id (on stdout) and its children; with --wait, follows
+    it to the end and prints the report (exit 1 unless it succeeded)."""
+    _, spec, file_name = _load_spec(spec_file, "sweep")
+    with _api(url, api_key) as api:
+        job = api.submit("sweep", spec, name=name or file_name)
+        seeds = len(job.spec.get("seeds") or []) or 1
+        children = job.children or 0
+        err.print(
+            f"submitted sweep {job.id} ({job.state}): {children} children,"
+            f" {children // seeds} arms × {seeds} seeds"
+            f" (ldreg jobs --parent {job.id[:8]}; ldreg report {job.id[:8]})",
+            markup=False,
+            highlight=False,
+        )
+        print(job.id, flush=True)
+        if not wait:
+            return
+        job = _wait_sweep(api, job.id, interval)
+        report_ = api.report(job.id)
+    _print_report(job, report_)
+    if job.state != "succeeded":
+        _finish(job)
+
+
+def _wait_sweep(api: LDRegClient, job_id: str, interval: float) -> Job:
+    """Poll the sweep until it has finished; a line on stderr whenever its children's
+    states change."""
+    shown = None
+    while True:
+        job = api.job(job_id)
+        counts: dict[str, int] = {}
+        for child in api.jobs(parent=job.id):
+            counts[child.state] = counts.get(child.state, 0) + 1
+        order = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+        states = sorted(counts, key=lambda s: order.index(s) if s in order else len(order))
+        line = f"{job.state}  " + ", ".join(f"{counts[state]} {state}" for state in states)
+        if line != shown:
+            shown = line
+            stamp = datetime.now().strftime("%H:%M:%S")
+            err.print(f"{stamp} {job.name or job.id[:12]}  {line}", markup=False, highlight=False)
+        if job.finished:
+            return job
+        time.sleep(interval)
+
+
+def report(
+    job_id: JobArg,
+    as_json: Annotated[bool, typer.Option("--json", help="the API's JSON")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """A sweep's report: per arm and metric, the effect against the baseline with its
+    interval, the verdict and the seeds needed; the noise floor; failed children. While
+    children run, the verdicts so far."""
+    with _api(url, api_key) as api:
+        job = api.job(job_id)
+        found = api.report(job.id)
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    _print_report(job, found)
+
+
+def _fmt_ci(ci: list[float | None] | None) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "-"
+    return f"[{_fmt_value(ci[0])}, {_fmt_value(ci[1])}]"
+
+
+def _fmt_signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4g}"
+
+
+def _print_report(job: Job, found: dict[str, Any]) -> None:
+    """The report as tables: arm × metric (the arm's own mean, its effect against the
+    baseline with the interval, verdict, beyond the noise floor, seeds needed), the
+    noise floor per metric, the failed children, the notes."""
+    children = found.get("children") or {}
+    by_state = ", ".join(f"{n} {s}" for s, n in (children.get("by_state") or {}).items())
+    status = "complete" if found.get("complete") else "incomplete: the verdicts so far"
+    out.print(
+        f"[bold]sweep {job.name or job.id}[/bold]  {job.state}  {status}"
+        f"  ({children.get('expected', '?')} children: {by_state or 'none reported'})",
+        highlight=False,
+    )
+    confidence = found.get("confidence", 0.95)
+    table = Table(title=f"effect = arm − baseline, paired by seed; {confidence:.0%} interval")
+    for col in ("arm", "metric", "n", "mean", "effect", "interval", "verdict", "beyond noise"):
+        table.add_column(col, justify="right" if col in ("n", "mean", "effect") else "left")
+    table.add_column("seeds needed", justify="right")
+    directions = found.get("directions") or {}
+    for arm in found.get("arms") or []:
+        for metric in found.get("metrics") or []:
+            own = (arm.get("metrics") or {}).get(metric) or {}
+            effect = (arm.get("effects") or {}).get(metric)
+            beyond = "-"
+            if effect and effect.get("beyond_noise_floor") is not None:
+                beyond = "yes" if effect["beyond_noise_floor"] else "no"
+            table.add_row(
+                arm["name"],
+                f"{metric} ({directions.get(metric, 'higher')})",
+                str(effect["n"] if effect else own.get("n", 0)),
+                _fmt_value(own["mean"]) if own.get("mean") is not None else "-",
+                _fmt_signed(effect.get("effect")) if effect else "-",
+                _fmt_ci(effect.get("ci")) if effect else _fmt_ci(own.get("ci")),
+                effect["verdict"] if effect else f"{arm['role']}: interval of its mean",
+                beyond,
+                str(effect.get("seeds_needed") or "-") if effect else "-",
+            )
+    console = out if out.is_terminal else Console(width=200)
+    console.print(table)
+    floor = found.get("noise_floor")
+    if floor:
+        for metric, f in floor.items():
+            reach = "-"
+            if f.get("ci") and None not in f["ci"]:
+                reach = f"±{_fmt_value(max(abs(f['ci'][0]), abs(f['ci'][1])))}"
+            out.print(
+                f"noise floor {metric}: {reach} (control − baseline"
+                f" {_fmt_signed(f.get('effect'))} {_fmt_ci(f.get('ci'))}, {f.get('n', 0)} seeds)",
+                highlight=False,
+            )
+    elif found.get("baseline"):
+        out.print("noise floor: none (the control arm is off)", highlight=False)
+    failed = [(arm["name"], c) for arm in found.get("arms") or [] for c in arm.get("failed") or []]
+    if failed:
+        ftable = Table(title="failed or cancelled children (left out of the pairing)")
+        for col in ("arm", "seed", "state", "job", "error"):
+            ftable.add_column(col)
+        for name, c in failed:
+            error = c.get("error") or {}
+            text = f"{error.get('code')}: {error.get('message')}" if error else "-"
+            ftable.add_row(name, str(c["seed"]), c["state"], c.get("job_id") or "-", text)
+        console.print(ftable)
+    for note in found.get("notes") or []:
+        out.print(f"note: {note}", highlight=False)

@@ -126,8 +126,18 @@ def api(
 
 def worker(
     queues: str = typer.Option("cpu", "--queues", "-Q", help="comma-separated: cpu, gpu"),
-    concurrency: int = typer.Option(
-        1, "--concurrency", "-c", min=1, help="jobs at once (GPU: one worker per GPU, 1)"
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", min=1, help="job slots (default: one per device)"
+    ),
+    devices: int | None = typer.Option(
+        None,
+        "--devices",
+        min=1,
+        envvar="LDREG_WORKER_DEVICES",
+        help="GPUs this worker holds (default: the GPUs it sees, or 1 on the cpu queue)",
+    ),
+    memory_gb: float | None = typer.Option(
+        None, "--memory-gb", min=0.1, help="host memory for jobs (scheduler), if limited"
     ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
     sweeper: bool = typer.Option(
@@ -155,19 +165,31 @@ def worker(
     settings = get_settings()
     wait_for_database(settings.database_url, timeout=60)
     _ensure_schema(settings.database_url, timeout=120)
+
+    from celery.utils.nodenames import host_format
+
+    from worker import sweeper as sweeper_mod
+
+    nodename = hostname or f"ldreg-{'-'.join(names)}-{os.getpid()}@%h"
+    gpus = devices or ((_visible_gpus() if "gpu" in names else 0) or 1)
+    # Registered before the first message is taken (service/claiming.py); then kept
+    # (heartbeat, deletion at a clean stop) by the sweeper's process, which never
+    # forks; with --no-sweeper that process only keeps the registration.
+    registration = sweeper_mod.Registration(
+        worker_id=host_format(nodename), queues=tuple(names), gpus=gpus, memory_gb=memory_gb
+    )
+    sweeper_mod.register(settings, registration)
     _release_database_connections(settings.database_url)
     if "torch" in sys.modules:  # pragma: no cover - a programming error, not a runtime one
         raise RuntimeError("the worker's parent process must not import torch")
 
-    from worker import sweeper as sweeper_mod
     from worker.celery_app import app
 
-    sweeper_proc = sweeper_mod.start_process() if sweeper else None
-    nodename = hostname or f"ldreg-{'-'.join(names)}-{os.getpid()}@%h"
+    sweeper_proc = sweeper_mod.start_process(registration=registration, sweeping=sweeper)
     argv = [
         "worker",
         f"--queues={','.join(names)}",
-        f"--concurrency={concurrency}",
+        f"--concurrency={concurrency or gpus}",
         "--pool=prefork",
         f"--loglevel={loglevel.upper()}",
         f"--hostname={nodename}",
@@ -183,6 +205,15 @@ def worker(
             sweeper_proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 sweeper_proc.wait(10)
+
+
+def _visible_gpus() -> int:
+    """How many NVIDIA devices this process sees (CUDA_VISIBLE_DEVICES, else
+    /dev/nvidiaN), without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return 0 if visible in ("", "-1") else len([v for v in visible.split(",") if v.strip()])
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
 
 
 def _sees_a_gpu() -> bool:

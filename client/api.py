@@ -71,8 +71,10 @@ class LDRegClient:
         name: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
-        """Submit a ``pretrain`` or ``diagnose`` job; a bad spec raises a 422 ``ApiError``
-        naming the field. With ``idempotency_key`` a repeated call returns the same job."""
+        """Submit a ``pretrain``, ``diagnose`` or ``sweep`` job (a sweep: its spec is a
+        sweep spec, docs/sweeps.md; the job returned is the sweep, its children are
+        ``jobs(parent=...)``); a bad spec raises a 422 ``ApiError`` naming the field.
+        With ``idempotency_key`` a repeated call returns the same job."""
         body: dict[str, Any] = {"kind": kind, "spec": dict(spec)}
         if name is not None:
             body["name"] = name
@@ -86,14 +88,18 @@ class LDRegClient:
         kind: str | None = None,
         limit: int | None = None,
         page_size: int = PAGE_SIZE,
+        parent: str | None = None,
     ) -> Iterator[Job]:
         """The team's jobs, newest first, following the cursor across pages of
-        ``page_size``; at most ``limit`` jobs when given."""
+        ``page_size``; at most ``limit`` jobs when given; with ``parent`` (a sweep's
+        id), only that sweep's children."""
         params: dict[str, Any] = {"limit": min(limit or page_size, page_size)}
         if state:
             params["state"] = state
         if kind:
             params["kind"] = kind
+        if parent:
+            params["parent"] = parent
         seen = 0
         while True:
             body = self._json("GET", "/v1/jobs", params=params)
@@ -210,8 +216,27 @@ class LDRegClient:
         return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def retry(self, job_id: str) -> Job:
-        """Resume a failed or cancelled job from its last checkpoint."""
+        """Resume a failed or cancelled job from its last checkpoint (a finished sweep:
+        its failed and cancelled children)."""
         return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/retry"))
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        """A sweep's report (docs/sweeps.md, "Reading a report"): per arm and metric the
+        effect against the baseline with its interval, the verdict and the seeds
+        needed; the noise floor; failed children. While children run, the verdicts so
+        far (``report["complete"]`` is False). A 409 ``ApiError`` for a job that is not
+        a sweep."""
+        return dict(self._json("GET", f"/v1/jobs/{job_id}/report"))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers: capacity, busy/idle, and which of your jobs runs where
+        (``GET /v1/workers``; other teams' jobs are only counted)."""
+        return list(self._json("GET", "/v1/workers")["workers"])
+
+    def queue(self) -> dict[str, Any]:
+        """Your queued jobs in start order, with position, reason and estimated start
+        (``GET /v1/queue``)."""
+        return dict(self._json("GET", "/v1/queue"))
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         body = self._json("GET", f"/v1/jobs/{job_id}/artifacts")

@@ -76,6 +76,11 @@ class Job(_Model):
     spec: dict[str, Any] = Field(default_factory=dict)
     worker: str | None = None  # the worker that claimed its latest attempt
     queue_position: int | None = None  # in a job list, for a queued job: 1 = next to run
+    # A sweep's child: the sweep's id, and the arm and seed it runs (docs/sweeps.md).
+    parent_id: str | None = None
+    sweep_arm: str | None = None
+    sweep_seed: int | None = None
+    children: int | None = None  # a sweep: how many children it runs
 
     @property
     def finished(self) -> bool:

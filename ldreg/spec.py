@@ -235,6 +235,32 @@ class MethodOptions(_Spec):
     )
 
 
+MAX_PRIORITY = 10
+
+
+class ResourcesSpec(_Spec):
+    """What a job needs from a worker, and how the scheduler treats it
+    (docs/operations.md, "Scheduling"). ``gpus`` is the same number as a pretrain
+    spec's ``devices`` (one sets the other)."""
+
+    gpus: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        default=None, description="devices (GPUs, or CPU processes) on one worker; = devices"
+    )
+    memory_gb: Annotated[float, Field(gt=0, le=100_000)] | None = Field(
+        default=None, description="host memory the job needs on its worker, when known"
+    )
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = Field(
+        default=0,
+        description="higher starts first (0 normal; any team may use -10..10); a job may"
+        " preempt preemptible jobs of strictly lower priority",
+    )
+    preemptible: bool = Field(
+        default=False,
+        description="may be stopped for a higher-priority job; it then resumes from its"
+        " last checkpoint, without using up an attempt",
+    )
+
+
 class PretrainSpec(_Spec):
     method: MethodName
     backbone: BackboneName = "resnet18"
@@ -272,6 +298,30 @@ class PretrainSpec(_Spec):
     sync_bn: bool = Field(
         default=False, description="with devices > 1: BatchNorm statistics over the global batch"
     )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_are_devices(cls, data: Any) -> Any:
+        """``resources.gpus`` and ``devices`` are one number: either sets the other;
+        both given must agree."""
+        if not isinstance(data, dict):
+            return data
+        resources = data.get("resources")
+        if resources is None:
+            resources = {}
+        if not isinstance(resources, dict):
+            return data
+        gpus, devices = resources.get("gpus"), data.get("devices")
+        if gpus is not None and devices is not None and gpus != devices:
+            raise ValueError(
+                f"resources.gpus ({gpus}) and devices ({devices}) must agree: they are"
+                " the same number (give one of them)"
+            )
+        number = gpus if gpus is not None else devices
+        if number is None:
+            return {**data, "resources": {**resources, "gpus": 1}}
+        return {**data, "devices": number, "resources": {**resources, "gpus": number}}
 
     @model_validator(mode="after")
     def _fit_ldreg_defaults(self) -> PretrainSpec:

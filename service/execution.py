@@ -32,7 +32,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from service.models import Artifact, Job, JobEvent, JobState, Metric, UTCDateTime, new_id, utcnow
+from service import sweep_jobs
+from service.models import (
+    SWEEP_KIND,
+    Artifact,
+    Job,
+    JobEvent,
+    JobState,
+    Metric,
+    UTCDateTime,
+    new_id,
+    utcnow,
+)
 
 RUNNING_STATES = (JobState.RUNNING.value, JobState.CANCELLING.value)
 # ``enqueued_at`` value meaning "publish at the next sweep": a job handed back by a
@@ -44,6 +55,9 @@ PUBLISH_ASAP = datetime(1970, 1, 1, tzinfo=UTC)
 class HeartbeatResult:
     alive: bool  # False: this attempt no longer owns the job; stop at once, write nothing
     cancel_requested: bool = False
+    # The scheduler wants these GPUs for a higher-priority job (service/claiming.py):
+    # stop and hand the job back to the queue, without counting the attempt.
+    preempt_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,12 @@ def claim_job(
     now = now or utcnow()
     attempt = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED.value, ~Job.cancel_requested)
+        .where(
+            Job.id == job_id,
+            Job.state == JobState.QUEUED.value,
+            ~Job.cancel_requested,
+            Job.kind != SWEEP_KIND,  # a sweep runs as its children, never itself
+        )
         .values(
             state=JobState.RUNNING.value,
             attempt=Job.attempt + 1,
@@ -159,6 +178,7 @@ def claim_job(
         )
     )
     session.flush()
+    sweep_jobs.follow_parent_of(session, job_id, now=now)  # a sweep's child: the sweep runs
     return attempt
 
 
@@ -191,12 +211,14 @@ def heartbeat(
         update(Job)
         .where(_fence(job_id, attempt))
         .values(**values)
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.preempt_requested)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return HeartbeatResult(alive=False)
-    return HeartbeatResult(alive=True, cancel_requested=bool(row[0]))
+    return HeartbeatResult(
+        alive=True, cancel_requested=bool(row[0]), preempt_requested=bool(row[1])
+    )
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -365,6 +387,7 @@ def finish_job(
         JobState.CANCELLED: "cancelled by request",
     }[state]
     job.transition(state, reason or default_reason, at=now)
+    sweep_jobs.follow_parent(session, job, now=now)
     session.flush()
     return True
 
@@ -416,6 +439,7 @@ def requeue_for_retry(
     if not jobs:
         return None
     state, _ = _retry_or_fail(jobs[0], now=now, cause=cause, code=code)
+    sweep_jobs.follow_parent(session, jobs[0], now=now)
     session.flush()
     return state
 
@@ -437,10 +461,12 @@ def return_running_job(
     job = jobs[0]
     if job.cancel_requested:
         job.transition(JobState.CANCELLED, f"cancelled by request ({reason})", at=now)
+        sweep_jobs.follow_parent(session, job, now=now)
         return JobState.CANCELLED
     job.max_attempts += 1
     job.enqueued_at = PUBLISH_ASAP
     job.transition(JobState.QUEUED, f"{reason}; will resume from the last checkpoint", at=now)
+    sweep_jobs.follow_parent(session, job, now=now)
     session.flush()
     return JobState.QUEUED
 
@@ -485,6 +511,7 @@ def sweep(
         and_(
             Job.state.in_(RUNNING_STATES),
             or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_cutoff),
+            Job.kind != SWEEP_KIND,  # a sweep has no worker: it follows its children
         ),
     )
     for job in stale:
@@ -501,7 +528,10 @@ def sweep(
         else:
             result.cancelled.append(job.id)
 
-    for job in _lock(session, and_(Job.state == JobState.QUEUED.value, Job.cancel_requested)):
+    queued_cancelled = and_(
+        Job.state == JobState.QUEUED.value, Job.cancel_requested, Job.kind != SWEEP_KIND
+    )
+    for job in _lock(session, queued_cancelled):
         job.transition(JobState.CANCELLED, "cancelled by request before it started", at=now)
         result.cancelled.append(job.id)
 
@@ -512,9 +542,14 @@ def sweep(
             Job.state == JobState.QUEUED.value,
             ~Job.cancel_requested,
             func.coalesce(Job.enqueued_at, Job.created_at) < republish_cutoff,
+            Job.kind != SWEEP_KIND,  # never published
         ),
         enqueued_at=now,
     )
     result.republish.extend((job.id, job.queue) for job in lost)
+    # Last, after every child's lock (a child's row before its parent's): every sweep
+    # not finished follows its children, those changed above and any changed by a path
+    # that did not follow them.
+    sweep_jobs.follow_unfinished(session, now=now)
     session.flush()
     return result

@@ -34,12 +34,14 @@ from ldreg.spec import (
     field_errors,
     storable_text,
 )
-from service import job_ids
+from service import job_ids, sweep_jobs
 from service.admission import check_admission
+from service.claiming import check_fits
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from service.models import (
     ACTIVE_STATES,
     FINISHED_STATES,
+    SWEEP_KIND,
     Artifact,
     IdempotencyKey,
     Job,
@@ -51,22 +53,26 @@ from service.models import (
     utcnow,
 )
 from service.settings import Settings
+from service.sweeps import Arm, SweepSpec, arms, expand
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 200
+# The spec model of every job kind: ldreg's, and the service's sweep (service/sweeps.py).
+JOB_SPEC_MODELS: dict[str, type[BaseModel]] = {**SPEC_MODELS, SWEEP_KIND: SweepSpec}
+JobSpec = PretrainSpec | DiagnoseSpec | SweepSpec
 
 
 def _validation_details(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
     return [{"field": f, "message": m} for f, m in field_errors(exc, prefix)]
 
 
-def validate_spec(kind: str, spec: BaseModel | dict[str, Any]) -> PretrainSpec | DiagnoseSpec:
+def validate_spec(kind: str, spec: BaseModel | dict[str, Any]) -> JobSpec:
     """The spec as its pydantic model (the one definition shared with the worker)."""
-    model = SPEC_MODELS.get(kind)
+    model = JOB_SPEC_MODELS.get(kind)
     if model is None:
         raise InvalidInput(
-            f"unknown job kind {kind!r}; expected one of {sorted(SPEC_MODELS)}", field="kind"
+            f"unknown job kind {kind!r}; expected one of {sorted(JOB_SPEC_MODELS)}", field="kind"
         )
     if isinstance(spec, model):
         return spec  # type: ignore[return-value]
@@ -94,9 +100,56 @@ def _check_dataset_path(settings: Settings, dataset: DatasetSpec, field: str) ->
         raise InvalidInput(problem, field=field, code="dataset_not_found")
 
 
+def _arm_field(field: str | None, arm: Arm) -> str:
+    """Where a problem of an arm's pretrain spec lies in the sweep's spec: on the grid
+    value that set the field (``spec.grid.ldreg.k.1``), else on the base's field."""
+    path = (field or "spec").removeprefix("spec").lstrip(".")
+    for key, index in arm.indices.items():
+        if path and (path == key or path.startswith(key + ".") or key.startswith(path + ".")):
+            return f"spec.grid.{key}.{index}"
+    return f"spec.base.{path}" if path else "spec.base"
+
+
+def _check_sweep(*, session: Session, settings: Settings, team: Team, spec: SweepSpec) -> None:
+    """A sweep's children are jobs like any other: each arm's spec (its children differ
+    only in their seed) passes this server's limits, the dataset's files and the memory
+    estimate, or the sweep is refused naming the arm and the grid value (or base field)
+    at fault; and all its children must fit the team's limit of queued and running
+    jobs, else no wait could ever admit it."""
+    sweep_arms = arms(spec)
+    n = len(sweep_arms) * len(spec.seeds)
+    limit = settings.max_active_jobs_per_team
+    if n > limit:
+        raise InvalidInput(
+            f"the sweep would run {n} children ({len(sweep_arms)} arms × {len(spec.seeds)}"
+            f" seeds), over this server's limit of {limit} queued or running jobs per team:"
+            " list fewer grid values or fewer seeds",
+            field="spec.grid",
+            code="too_many_children",
+        )
+    details: list[dict[str, str]] = []
+    first: InvalidInput | None = None
+    for arm in sweep_arms:
+        try:
+            child = PretrainSpec.model_validate(arm.spec)
+            _check_limits_and_scope(session=session, settings=settings, team=team, spec=child)
+        except InvalidInput as exc:
+            detail = {"field": _arm_field(exc.field, arm), "message": f"arm {arm.name!r}: {exc}"}
+            if detail not in details:
+                details.append(detail)
+            first = first or exc
+    if first is not None:
+        raise InvalidInput(
+            details[0]["message"], field=details[0]["field"], code=first.code, details=details
+        )
+
+
 def _check_limits_and_scope(
-    *, session: Session, settings: Settings, team: Team, spec: PretrainSpec | DiagnoseSpec
+    *, session: Session, settings: Settings, team: Team, spec: JobSpec
 ) -> None:
+    if isinstance(spec, SweepSpec):
+        _check_sweep(session=session, settings=settings, team=team, spec=spec)
+        return
     if isinstance(spec, PretrainSpec):
         if spec.epochs > settings.max_epochs:
             raise InvalidInput(
@@ -106,6 +159,7 @@ def _check_limits_and_scope(
             )
         _check_dataset_path(settings, spec.dataset, "spec.dataset.path")
         check_admission(spec, queue=settings.default_queue, settings=settings)
+        check_fits(session=session, settings=settings, spec=spec)
         return
 
     source = spec.source
@@ -196,14 +250,28 @@ def create_job(
             return earlier, False
 
     _check_limits_and_scope(session=session, settings=settings, team=team, spec=model)
+    # A sweep's children: ordinary pretrain jobs, each counted against the team's limit
+    # (the sweep itself runs nothing and is not counted).
+    children = expand(model) if isinstance(model, SweepSpec) else []
 
     # Lock the team's row so two concurrent submissions cannot both pass the count.
     session.execute(select(Team.id).where(Team.id == team.id).with_for_update())
     active = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.team_id == team.id, Job.state.in_([s.value for s in ACTIVE_STATES]))
+        .where(
+            Job.team_id == team.id,
+            Job.state.in_([s.value for s in ACTIVE_STATES]),
+            Job.kind != SWEEP_KIND,
+        )
     )
+    if children and (active or 0) + len(children) > settings.max_active_jobs_per_team:
+        session.rollback()
+        raise LimitExceeded(
+            f"this sweep's {len(children)} children and your team's {active} queued or"
+            f" running jobs would be over the limit of {settings.max_active_jobs_per_team};"
+            " wait for some to finish, or cancel some"
+        )
     if (active or 0) >= settings.max_active_jobs_per_team:
         session.rollback()
         raise LimitExceeded(
@@ -220,13 +288,24 @@ def create_job(
         attempt=0,
         max_attempts=settings.max_attempts,
         progress_epoch=0,
-        progress_epochs=model.epochs if isinstance(model, PretrainSpec) else 0,
+        progress_epochs=model.epochs if isinstance(model, PretrainSpec) else len(children),
         # Set with the commit that makes it queued (service/queue.py's contract): the
         # sweeper re-publishes a queued job whose message is older than it should be.
-        enqueued_at=utcnow(),
+        # A sweep is never published: its children are.
+        enqueued_at=None if isinstance(model, SweepSpec) else utcnow(),
     )
     job.transition(JobState.QUEUED, "submitted")
     session.add(job)
+    if isinstance(model, SweepSpec):
+        session.flush()  # the sweep's id, for its children
+        session.add_all(
+            sweep_jobs.new_children(
+                parent=job,
+                children=children,
+                queue=settings.default_queue,
+                max_attempts=settings.max_attempts,
+            )
+        )
     if idempotency_key is not None:
         session.flush()
         session.add(
@@ -260,7 +339,7 @@ def validate_job(
     team: Team,
     kind: str,
     spec: BaseModel | dict[str, Any],
-) -> PretrainSpec | DiagnoseSpec:
+) -> JobSpec:
     """A dry run of :func:`create_job`: the same validation and admission checks
     (the spec, this server's limits, the dataset's files, the memory estimate, the
     team's uploads and source jobs), nothing stored or published. Returns the
@@ -286,6 +365,16 @@ def publish_job(*, settings: Settings, job: Job) -> bool:
         log.warning("could not publish job %s; the sweeper will re-send it", job.id, exc_info=True)
         return False
     return True
+
+
+def publish_queued(*, session: Session, settings: Settings, job: Job) -> int:
+    """:func:`publish_job` for a job just queued, or for a sweep every queued child (the
+    sweep itself is never published). Returns how many were published."""
+    if job.kind != SWEEP_KIND:
+        return int(publish_job(settings=settings, job=job))
+    targets = sweep_jobs.queued_children(session, job.id)
+    session.rollback()  # ends the read's transaction before the broker round trips
+    return sum(publish_job(settings=settings, job=Job(id=i, queue=q)) for i, q in targets)
 
 
 def get_job(*, session: Session, team: Team, job_id: str, for_update: bool = False) -> Job | None:
@@ -363,8 +452,10 @@ def list_jobs(
     kind: str | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    parent: str | None = None,
 ) -> JobPage:
-    """The team's jobs newest first, a page at a time.
+    """The team's jobs newest first, a page at a time; with ``parent`` (a sweep's id
+    or short id), only that sweep's children.
 
     The cursor is the (created_at, id) of the last job of the previous page, so pages
     never repeat or skip a job even while new jobs arrive (keyset pagination on the
@@ -375,6 +466,9 @@ def list_jobs(
         query = query.where(Job.state.in_(states))
     if kind:
         query = query.where(Job.kind == kind)
+    if parent:
+        parent_id = resolve_job_id(session=session, team=team, job_id=parent, field="parent")
+        query = query.where(Job.parent_id == parent_id)
     if cursor:
         created, job_id = _decode_cursor(cursor)
         query = query.where(
@@ -393,7 +487,9 @@ def queue_positions(*, session: Session, jobs: Sequence[Job]) -> dict[str, int]:
     counting every team's queued jobs in the same queue in the order they (last)
     entered it (their latest transition to ``queued``: a retried or re-queued job
     goes to the back). One query for the whole page, none without a queued job."""
-    wanted = [job.id for job in jobs if job.state == JobState.QUEUED.value]
+    wanted = [
+        job.id for job in jobs if job.state == JobState.QUEUED.value and job.kind != SWEEP_KIND
+    ]
     if not wanted:
         return {}
     queued = JobState.QUEUED.value
@@ -415,7 +511,7 @@ def queue_positions(*, session: Session, jobs: Sequence[Job]) -> dict[str, int]:
             .label("position"),
         )
         .outerjoin(entered, entered.c.job_id == Job.id)
-        .where(Job.state == queued)
+        .where(Job.state == queued, Job.kind != SWEEP_KIND)  # a sweep waits in no queue
         .subquery()
     )
     rows = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(wanted)))
@@ -488,7 +584,13 @@ def list_events(*, session: Session, team: Team, job_id: str) -> list[JobEvent]:
 
 def request_cancel(*, session: Session, team: Team, job_id: str) -> Job:
     """Cancel a job: a queued one at once; a running one cooperatively (the worker
-    sees ``cancel_requested`` within a few steps and ends it ``cancelled``)."""
+    sees ``cancel_requested`` within a few steps and ends it ``cancelled``). A sweep:
+    every unfinished child so (service/sweep_jobs.py); a sweep's child: the sweep follows."""
+    job_id, is_sweep = _resolve_kind(session=session, team=team, job_id=job_id)
+    if is_sweep:
+        parent = sweep_jobs.cancel_sweep(session, job_id)
+        session.commit()
+        return parent
     # The row lock orders us against a worker's claim (a conditional UPDATE on state).
     job = _require_job(session=session, team=team, job_id=job_id, for_update=True)
     state = JobState(job.state)
@@ -500,14 +602,35 @@ def request_cancel(*, session: Session, team: Team, job_id: str) -> Job:
         job.transition(JobState.CANCELLED, "cancelled by user before it started")
     elif state == JobState.RUNNING:
         job.transition(JobState.CANCELLING, "cancel requested by user")
+    sweep_jobs.follow_parent(session, job)
     session.commit()
     return job
+
+
+def _resolve_kind(*, session: Session, team: Team, job_id: str) -> tuple[str, bool]:
+    """The full id of the team's job ``job_id`` names, and whether it is a sweep (read
+    without a lock: a sweep is locked after its children, the lock order of every
+    writer). 404 / 409 / 422 as :func:`require_job`."""
+    full_id = resolve_job_id(session=session, team=team, job_id=job_id)
+    kind = session.scalar(select(Job.kind).where(Job.id == full_id, Job.team_id == team.id))
+    if kind is None:
+        raise job_ids.not_found(job_id, "id")
+    return full_id, kind == SWEEP_KIND
 
 
 def retry_job(*, session: Session, settings: Settings, team: Team, job_id: str) -> Job:
     """Queue a failed or cancelled job again; the worker resumes it from its last
     checkpoint. The attempt counter and the events keep the earlier history; the job
-    gets a fresh budget of automatic attempts."""
+    gets a fresh budget of automatic attempts. A finished sweep: each of its failed or
+    cancelled children so, and the sweep re-opens (publish its queued children:
+    :func:`publish_queued`); a sweep's child: the sweep follows (and re-opens)."""
+    job_id, is_sweep = _resolve_kind(session=session, team=team, job_id=job_id)
+    if is_sweep:
+        parent, _ = sweep_jobs.retry_sweep(
+            session, job_id, lambda child, state: _requeue(child, state, settings)
+        )
+        session.commit()
+        return parent
     job = _require_job(session=session, team=team, job_id=job_id, for_update=True)
     state = JobState(job.state)
     if state not in (JobState.FAILED, JobState.CANCELLED):
@@ -516,6 +639,14 @@ def retry_job(*, session: Session, settings: Settings, team: Team, job_id: str) 
             f"job {job.id} is {state.value}; only failed or cancelled jobs can be retried",
             field="state",
         )
+    _requeue(job, state, settings)
+    sweep_jobs.follow_parent(session, job, reopen=True)
+    session.commit()
+    return job
+
+
+def _requeue(job: Job, state: JobState, settings: Settings) -> None:
+    """A user's retry of a failed or cancelled job: queued again, to resume."""
     job.transition(JobState.QUEUED, f"retried by user after {state.value}")
     job.cancel_requested = False
     job.error_code = None
@@ -525,8 +656,6 @@ def retry_job(*, session: Session, settings: Settings, team: Team, job_id: str) 
     job.heartbeat_at = None
     job.max_attempts = job.attempt + settings.max_attempts
     job.enqueued_at = utcnow()
-    session.commit()
-    return job
 
 
 def list_artifacts(*, session: Session, team: Team, job_id: str) -> list[Artifact]:
@@ -553,3 +682,21 @@ def get_artifact(
     if not path.is_relative_to(job_dir) or not path.is_file():
         raise NotFound(f"artifact {name!r} of job {job.id} is not available", field="name")
     return artifact, path
+
+
+def sweep_report(*, session: Session, team: Team, job_id: str) -> dict[str, Any]:
+    """A sweep's report (docs/sweeps.md): once the sweep has finished, the one computed
+    when its last child did (its summary); before, the verdicts so far, computed now
+    (``complete`` false). 409 (``not_a_sweep``) for any other kind of job."""
+    job = _require_job(session=session, team=team, job_id=job_id)
+    if job.kind != SWEEP_KIND:
+        raise Conflict(
+            f"job {job.id} is a {job.kind} job, not a sweep: only a sweep has a report",
+            field="id",
+            code="not_a_sweep",
+        )
+    if JobState(job.state) in FINISHED_STATES and job.summary is not None:
+        return job.summary
+    spec, rows = job.spec, sweep_jobs.children_rows(session, job.id)
+    session.rollback()  # the report's statistics need no open transaction
+    return sweep_jobs.sweep_report(spec, rows)

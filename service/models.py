@@ -25,6 +25,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -66,6 +68,10 @@ class JobState(enum.StrEnum):
 FINISHED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
 
+# The kind of a sweep's parent job: never published, never claimed; its state follows
+# its children's (service/sweep_jobs.py).
+SWEEP_KIND = "sweep"
+
 # Constraint names are fixed so migrations are identical on SQLite and PostgreSQL.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -86,6 +92,8 @@ class Team(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Its share of the GPUs under contention is proportional (``ldreg admin team-weight``).
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="team")
 
@@ -150,6 +158,27 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    # A sweep (kind "sweep", service/sweep_jobs.py) runs as children: ordinary pretrain
+    # jobs whose parent_id is the sweep's id, each recording its arm and seed.
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    sweep_arm: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sweep_seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    # Scheduling (service/claiming.py): what the job needs (from spec.resources), the
+    # start of its current run (set at each claim; cleared once the run is charged to
+    # the team's usage), the device indices it holds on its worker, and a request to
+    # stop and go back to the queue for a higher-priority job.
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    memory_gb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    devices: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    preempted_for: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
@@ -244,3 +273,45 @@ class IdempotencyKey(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A live worker (``ldreg worker``): registered at start, heartbeated by its
+    sweeper process, deleted at a clean stop; stale (ignored) once its heartbeat is
+    older than ``stale_after_seconds``. ``id`` is its Celery node name; a job's
+    ``worker`` column is ``{id}:{pid}``."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    gpus: Mapped[int] = mapped_column(Integer)
+    memory_gb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TeamUsage(Base):
+    """A team's decayed GPU-seconds as of ``as_of`` (service/scheduling.py, Usage)."""
+
+    __tablename__ = "team_usage"
+
+    team_id: Mapped[str] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    as_of: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+@event.listens_for(Job, "before_insert")
+def _resources_from_spec(_mapper: Any, _connection: Any, job: Job) -> None:
+    """A new job's scheduling columns come from its spec's ``resources`` (a pretrain
+    spec's; every path that creates a job: submit, a sweep's children, ...)."""
+    resources = (job.spec or {}).get("resources") if isinstance(job.spec, dict) else None
+    if not isinstance(resources, dict):
+        return
+    job.gpus = int(resources.get("gpus") or job.spec.get("devices") or 1)
+    job.memory_gb = resources.get("memory_gb")
+    job.priority = int(resources.get("priority") or 0)
+    job.preemptible = bool(resources.get("preemptible", False))

@@ -43,10 +43,10 @@ from pydantic import ValidationError
 
 from ldreg.errors import TrainingCancelled, UserError
 from ldreg.spec import DiagnoseSpec, PretrainSpec, field_errors
+from service.claiming import claim_next, retry_hint_soon, worker_id_of
 from service.db import session_scope
 from service.execution import (
     ArtifactFile,
-    claim_job,
     finish_job,
     requeue_for_retry,
     return_running_job,
@@ -144,18 +144,40 @@ def _run_job(
             return_unstarted_job(session=s, job_id=job_id)
         log.info("job %s: worker shutting down; left queued for another worker", job_id)
         return RunOutcome.HANDED_BACK
+    hint = job_id
     with session_scope(url) as s:
-        attempt = claim_job(session=s, job_id=job_id, worker=worker_name)
-        job = s.get(Job, job_id) if attempt is not None else None
-        if job is not None:
+        # The policy picks the job (service/claiming.py); the message's is a hint.
+        claim = claim_next(
+            session=s,
+            worker_id=worker_id_of(worker_name) or worker_name,
+            worker_name=worker_name,
+            hint=hint,
+            stale_after=settings.stale_after_seconds,
+        )
+        job = s.get(Job, claim.job_id) if claim is not None else None
+        if claim is None or job is None:
+            # Nothing for this slot now; have the hint's message sent again soon.
+            retry_hint_soon(
+                session=s,
+                job_id=hint,
+                requeue_after=settings.requeue_after_seconds,
+                delay=max(2 * settings.sweep_interval_seconds, 2.0),
+            )
+        else:
             kind, spec_data, queue = job.kind, dict(job.spec), job.queue
-    if attempt is None or job is None:
+    if claim is None or job is None:
         log.info(
             "job %s not claimable (a duplicate message, or already running, finished or"
-            " cancelled): nothing to do",
-            job_id,
+            " cancelled) or not this worker's to start now (the scheduler chose none that"
+            " fits here): nothing to do",
+            hint,
         )
         return RunOutcome.SKIPPED
+    job_id, attempt = claim.job_id, claim.attempt
+    if job_id != hint:
+        log.info("woken for job %s; the scheduler chose job %s", hint, job_id)
+    if queue == "gpu" and claim.devices:
+        use_devices(claim.devices)
     bind_job(job_id=job_id, attempt=attempt)  # on every log line of this attempt
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_name)
 
@@ -207,6 +229,8 @@ def _execute(
     if kind == "pretrain":
         spec = PretrainSpec.model_validate(spec_data)
         assert_fresh_process()
+        if spec.devices > 1:
+            allow_child_processes()
         # Imported here, in the child, never in the forking parent (see above).
         from ldreg.train import pretrain
 
@@ -251,6 +275,18 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> RunOutcome:
             lease, run_dir, JobState.CANCELLED, reason=f"cancelled by request ({detail})"
         )
     url = lease.settings.database_url
+    if lease.preempt_requested.is_set() and not lease.shutting_down():
+        with session_scope(url) as s:
+            job = s.get(Job, lease.job_id)
+            by = job.preempted_for if job is not None else None
+            state = return_running_job(
+                session=s,
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                reason=f"preempted for job {by or 'of higher priority'}; handed back to the queue",
+            )
+        # Published by the next sweep (PUBLISH_ASAP), like a SIGTERM hand-back.
+        return RunOutcome.LOST if state is None else RunOutcome(state.value)
     if lease.shutting_down():
         with session_scope(url) as s:
             state = return_running_job(
@@ -277,6 +313,31 @@ def _stopped(lease: Any, run_dir: Path, detail: str) -> RunOutcome:
         log.warning("job %s: cannot reach the database; the sweeper will recover it", lease.job_id)
         return RunOutcome.LOST
     return _after_requeue(lease, state)
+
+
+def allow_child_processes() -> None:
+    """A Celery pool child is marked daemonic, and multiprocessing refuses to start
+    children from a daemonic process; a multi-device job starts one process per extra
+    device (ldreg/launch.py), which it joins or kills itself before it returns. The
+    pool (billiard) also left its own kind of authkey, which the standard library's
+    spawn cannot pickle: replaced by the standard one, same bytes."""
+    import multiprocessing
+    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
+
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    config.pop("daemon", None)
+    key = config.get("authkey")
+    if key is not None and not isinstance(key, AuthenticationString):
+        config["authkey"] = AuthenticationString(bytes(key))
+
+
+def use_devices(devices: tuple[int, ...]) -> None:
+    """The job's processes see only the GPUs it was given (indices among those this
+    worker sees), before anything in this process initialises CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",")] if visible else None
+    chosen = [names[d] if names and d < len(names) else str(d) for d in devices]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
 
 
 def limit_memory(limit_gb: float | None) -> None:

@@ -69,6 +69,9 @@ class Lease:
         self.attempt = attempt
         self.lost = threading.Event()  # the database says another attempt owns the job
         self.cancel_requested = threading.Event()
+        # The scheduler asked for this job's GPUs (a higher-priority job): stop and go
+        # back to the queue (worker/runner.py), resuming later from the checkpoint.
+        self.preempt_requested = threading.Event()
         # Set when this process gets SIGTERM (worker.runner._sigterm_sets).
         self.shutdown_requested = shutdown_requested or threading.Event()
         # The Celery worker's shared "shutting down" flag (worker.celery_app), read at
@@ -96,6 +99,7 @@ class Lease:
         return (
             self.lost.is_set()
             or self.cancel_requested.is_set()
+            or self.preempt_requested.is_set()
             or self.shutting_down()
             or self.expired()
         )
@@ -123,6 +127,9 @@ class Lease:
         if result.cancel_requested and not self.cancel_requested.is_set():
             log.info("job %s: cancellation requested", self.job_id)
             self.cancel_requested.set()
+        if result.preempt_requested and not self.preempt_requested.is_set():
+            log.info("job %s: preempted for a higher-priority job", self.job_id)
+            self.preempt_requested.set()
 
 
 class HeartbeatThread(threading.Thread):

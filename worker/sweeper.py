@@ -21,8 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
+from service.claiming import (
+    beat_worker,
+    deregister_worker,
+    register_worker,
+    request_preemptions,
+)
 from service.db import session_scope
 from service.execution import sweep
 from service.models import utcnow
@@ -108,25 +115,121 @@ def waiting_in_broker(settings: Settings, job_id: str, queue: str) -> bool:
     return False
 
 
-def run_forever(settings: Settings, stop: threading.Event, parent_pid: int | None = None) -> None:
+def preempt_once(settings: Settings) -> None:
+    """Ask running jobs to make room for a higher-priority one (service/claiming.py)."""
+    with session_scope(settings.database_url) as s:
+        plan = request_preemptions(session=s, stale_after=settings.stale_after_seconds)
+    if plan is not None:
+        log.info(
+            "preempting %s on %s for job %s", ", ".join(plan.preempt), plan.worker, plan.job_id
+        )
+
+
+def run_forever(
+    settings: Settings,
+    stop: threading.Event,
+    parent_pid: int | None = None,
+    *,
+    sweeping: bool = True,
+) -> None:
     while not stop.is_set():
         if parent_pid is not None and os.getppid() != parent_pid:
             log.info("worker process %d is gone; sweeper exits", parent_pid)
             return
-        try:
-            sweep_once(settings)
-        except Exception:
-            log.warning("sweep failed (database or broker unreachable?)", exc_info=True)
+        if sweeping:
+            try:
+                sweep_once(settings)
+                preempt_once(settings)
+            except Exception:
+                log.warning("sweep failed (database or broker unreachable?)", exc_info=True)
         stop.wait(settings.sweep_interval_seconds)
 
 
-def start_process(env: dict[str, str] | None = None) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Registration:
+    """This worker in the registry (the ``workers`` table)."""
+
+    worker_id: str
+    queues: tuple[str, ...]
+    gpus: int
+    memory_gb: float | None = None
+
+    def argv(self) -> list[str]:
+        out = ["--worker-id", self.worker_id, "--queues", ",".join(self.queues)]
+        out += ["--gpus", str(self.gpus)]
+        if self.memory_gb is not None:
+            out += ["--memory-gb", str(self.memory_gb)]
+        return out
+
+
+def register(settings: Settings, registration: Registration) -> None:
+    """Insert or refresh the worker's row now."""
+    r = registration
+    with session_scope(settings.database_url) as s:
+        register_worker(
+            session=s,
+            worker_id=r.worker_id,
+            queues=r.queues,
+            gpus=r.gpus,
+            memory_gb=r.memory_gb,
+        )
+
+
+class RegistryThread(threading.Thread):
+    """Registers the worker, renews its row every ``heartbeat_seconds`` (registering
+    again if it was deleted), and deletes it when stopped (a clean shutdown)."""
+
+    def __init__(self, settings: Settings, registration: Registration) -> None:
+        super().__init__(name="worker-registry", daemon=True)
+        self.settings = settings
+        self.registration = registration
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        registered = False
+        while not self.stop_event.is_set():
+            try:
+                if not registered:
+                    register(self.settings, self.registration)
+                    registered = True
+                    log.info(
+                        "worker %s registered: %d GPU(s), queues %s",
+                        self.registration.worker_id,
+                        self.registration.gpus,
+                        ",".join(self.registration.queues),
+                    )
+                else:
+                    with session_scope(self.settings.database_url) as s:
+                        registered = beat_worker(session=s, worker_id=self.registration.worker_id)
+            except Exception:
+                log.warning("worker registry heartbeat failed", exc_info=True)
+            self.stop_event.wait(self.settings.heartbeat_seconds)
+
+    def deregister(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+        try:
+            with session_scope(self.settings.database_url) as s:
+                deregister_worker(session=s, worker_id=self.registration.worker_id)
+        except Exception:
+            log.warning("could not deregister the worker; it goes stale by itself")
+
+
+def start_process(
+    env: dict[str, str] | None = None,
+    registration: Registration | None = None,
+    *,
+    sweeping: bool = True,
+) -> subprocess.Popen:
     """Start the sweeper as a child of this process (same process group, so a signal
-    to the worker's group reaches it too)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.sweeper", "--parent", str(os.getpid())],
-        env=env,
-    )
+    to the worker's group reaches it too). It also keeps the worker's registration
+    (a process that never forks, unlike the Celery parent)."""
+    argv = [sys.executable, "-m", "worker.sweeper", "--parent", str(os.getpid())]
+    if registration is not None:
+        argv += registration.argv()
+    if not sweeping:
+        argv.append("--no-sweep")
+    return subprocess.Popen(argv, env=env)
 
 
 def _die_with_parent() -> None:
@@ -160,7 +263,24 @@ def main(argv: list[str] | None = None) -> None:
         settings.stale_after_seconds,
         settings.requeue_after_seconds,
     )
-    run_forever(settings, stop, parent)
+    registry = None
+    if "--worker-id" in argv:
+        memory = argv[argv.index("--memory-gb") + 1] if "--memory-gb" in argv else None
+        registry = RegistryThread(
+            settings,
+            Registration(
+                worker_id=argv[argv.index("--worker-id") + 1],
+                queues=tuple(argv[argv.index("--queues") + 1].split(",")),
+                gpus=int(argv[argv.index("--gpus") + 1]),
+                memory_gb=float(memory) if memory is not None else None,
+            ),
+        )
+        registry.start()
+    try:
+        run_forever(settings, stop, parent, sweeping="--no-sweep" not in argv)
+    finally:
+        if registry is not None:
+            registry.deregister()
     assert "torch" not in sys.modules, "the sweeper must not import torch"
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -32,7 +33,8 @@ from api.schemas import (
     MetricsOut,
     json_response,
 )
-from service import job_ids, jobs
+from service import claiming, job_ids, jobs
+from service.sweeps import SweepSpec, arms
 
 router = APIRouter(
     prefix="/jobs",
@@ -85,7 +87,12 @@ def submit_job(
         model = jobs.validate_job(
             session=session, settings=settings, team=team, kind=body.kind, spec=body.spec
         )
-        checked = JobValidation(kind=body.kind, name=body.name, spec=model.model_dump(mode="json"))
+        checked = JobValidation(
+            kind=body.kind,
+            name=body.name,
+            spec=model.model_dump(mode="json"),
+            children=len(arms(model)) * len(model.seeds) if isinstance(model, SweepSpec) else None,
+        )
         return json_response(checked)
     job, created = jobs.create_job(
         session=session,
@@ -97,29 +104,49 @@ def submit_job(
         idempotency_key=idempotency_key,
     )
     headers = {}
+    out = JobOut.from_job(job)
     if created:
-        jobs.publish_job(settings=settings, job=job)
+        jobs.publish_queued(session=session, settings=settings, job=job)  # a sweep: its children
     else:
         # The same answer as the first time, so a client's retry looks like success.
         headers["Idempotent-Replayed"] = "true"
-    return json_response(JobOut.from_job(job), status_code=201, headers=headers)
+    return json_response(out, status_code=201, headers=headers)
 
 
 @router.get("", response_model=JobList, responses={422: {"model": ErrorOut}})
 def list_jobs(
     session: SessionDep,
+    settings: SettingsDep,
     team: CurrentTeam,
     state: Annotated[list[JobStateName] | None, Query(description="repeat for several")] = None,
     kind: JobKindName | None = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=jobs.MAX_PAGE_SIZE)] = 50,
+    parent: Annotated[
+        str | None,
+        Query(max_length=64, description="only the children of this sweep (an id or short id)"),
+    ] = None,
 ) -> Response:
     """The team's jobs, newest first."""
     page = jobs.list_jobs(
-        session=session, team=team, states=state, kind=kind, cursor=cursor, limit=limit
+        session=session,
+        team=team,
+        states=state,
+        kind=kind,
+        cursor=cursor,
+        limit=limit,
+        parent=parent,
     )
     positions = jobs.queue_positions(session=session, jobs=page.jobs)
-    jobs_out = [JobOut.from_job(j, queue_position=positions.get(j.id)) for j in page.jobs]
+    reasons = (
+        claiming.queued_reasons(session, stale_after=settings.stale_after_seconds)
+        if positions
+        else {}
+    )
+    jobs_out = [
+        JobOut.from_job(j, queue_position=positions.get(j.id), queue_reason=reasons.get(j.id))
+        for j in page.jobs
+    ]
     return json_response(JobList(jobs=jobs_out, next_cursor=page.next_cursor))
 
 
@@ -231,10 +258,26 @@ def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
 def retry_job(
     job_id: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam
 ) -> Response:
-    """Queue a failed or cancelled job again; it resumes from its last checkpoint."""
+    """Queue a failed or cancelled job again; it resumes from its last checkpoint. A
+    finished sweep: its failed and cancelled children, and the sweep re-opens."""
     job = jobs.retry_job(session=session, settings=settings, team=team, job_id=job_id)
-    jobs.publish_job(settings=settings, job=job)
-    return json_response(JobOut.from_job(job))
+    out = JobOut.from_job(job)
+    jobs.publish_queued(session=session, settings=settings, job=job)
+    return json_response(out)
+
+
+@router.get(
+    "/{job_id}/report",
+    response_model=dict[str, Any],
+    responses={409: {"model": ErrorOut, "description": "not a sweep (not_a_sweep)"}},
+)
+def get_sweep_report(job_id: str, session: SessionDep, team: CurrentTeam) -> Response:
+    """A sweep's report (docs/sweeps.md, "Reading a report"): per arm and metric, the
+    paired effect against the baseline with its interval, the verdict and the seeds
+    needed, the control's noise floor, and the failed children. While children run,
+    the verdicts so far (``complete`` false)."""
+    report = jobs.sweep_report(session=session, team=team, job_id=job_id)
+    return Response(json.dumps(report, allow_nan=False), media_type="application/json")
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)

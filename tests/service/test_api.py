@@ -45,6 +45,11 @@ JOB_KEYS = {
     "spec",
     "worker",
     "queue_position",
+    # a sweep's child's sweep, arm and seed; a sweep's number of children
+    "parent_id",
+    "sweep_arm",
+    "sweep_seed",
+    "children",
 }
 
 

@@ -469,3 +469,80 @@ def test_resubmit_with_changes_then_follow_its_curves_and_log_and_compare_the_sp
     wait(d, lambda d: "training stopped" in log.text, 20, "the log's last line")
     wait(d, lambda d: "complete" in d.find_element(By.ID, "log-status").text, 10, "complete")
     api.close()
+
+
+def test_a_sweeps_page_follows_it_to_its_forest_plots_curves_and_children(
+    browser: webdriver.Chrome, api_server: str, team_key: str, pg_url: str
+) -> None:
+    # A sweep whose 8 children finish with chosen results (the worker's own data-layer
+    # calls, test_sweeps_service.play_children): α = 0.1 improves kNN accuracy well
+    # beyond the control's noise floor; α = 1 lost a seed to a NaN loss.
+    from test_sweeps_service import VERDICT_SWEEP, chosen_outcome, play_children
+
+    api = httpx.Client(
+        base_url=api_server, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
+    )
+    sweep = api.post(
+        "/v1/jobs", json={"kind": "sweep", "name": "alpha sweep", "spec": VERDICT_SWEEP}
+    ).json()
+    d = browser
+    d.get(f"{api_server}/")
+    d.execute_script("sessionStorage.setItem('ldreg.apiKey', arguments[0])", team_key)
+
+    # The job list shows the sweep with its children count, and the children.
+    d.get(f"{api_server}/#/jobs")
+    d.refresh()  # the page reads the key when it loads
+    wait(d, lambda d: sweep["id"] in listed_ids(d), 15, "the job list")
+    assert "sweep · 8 children" in row_texts(d)[sweep["id"]]
+    assert len(listed_ids(d)) == 9
+
+    # Queued: the report so far is empty, the children wait.
+    d.get(f"{api_server}/#/jobs/{sweep['id']}")
+    wait(d, lambda d: page_state(d) == "queued", 15, "the queued sweep's page")
+    status = wait(d, lambda d: d.find_element(By.ID, "report-status"), 10, "the report")
+    wait(d, lambda d: status.get_attribute("data-complete") == "false", 10, "the report so far")
+    assert "Incomplete" in status.text and points(d, "chart-forest-knn_acc") == 0
+    # Its children finish while the page is open: it follows them to the verdict.
+    play_children(pg_url, sweep["id"], chosen_outcome)
+    wait(d, lambda d: page_state(d) == "succeeded", 15, "the sweep to succeed")
+    # A forest plot per metric: a point per arm against the baseline (control and both
+    # α), drawn on the canvas, with the verdicts in words underneath.
+    wait(d, lambda d: points(d, "chart-forest-knn_acc") == 3, 15, "the forest plot")
+    assert points(d, "chart-forest-linear_probe_acc") == 3
+    painted = d.execute_script(
+        "const c = document.querySelector('#chart-forest-knn_acc canvas');"
+        "const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i]) n++; return n"
+    )
+    assert painted > 1000, painted
+    verdicts = d.find_element(By.ID, "verdicts-knn_acc").text
+    assert "ldreg.alpha=0.1: improves" in verdicts and "beyond the noise floor" in verdicts
+    assert "control: no effect detectable at 2 seeds" in verdicts
+    assert "ldreg.alpha=1: not enough paired seeds" in verdicts
+    assert "Noise floor (control − baseline)" in d.find_element(By.ID, "verdicts").text
+    assert d.find_element(By.ID, "report-status").get_attribute("data-complete") == "true"
+    failed = d.find_element(By.ID, "failed-children").text
+    assert "ldreg.alpha=1" in failed and "loss_not_finite" in failed
+    # Each child's curves, coloured by arm; the children table links each child.
+    wait(d, lambda d: points(d, "chart-sweep-knn_acc") == 8 * 3, 15, "the children's curves")
+    rows = d.execute_script(
+        "return [...document.querySelectorAll('#sweep-children-rows tr[data-job-id]')]"
+        ".map(r => [r.cells[0].innerText, r.cells[1].innerText, r.dataset.state])"
+    )
+    assert [r[:2] for r in rows] == [
+        [arm, str(seed)]
+        for arm in ("baseline", "control", "ldreg.alpha=0.1", "ldreg.alpha=1")
+        for seed in (0, 1)
+    ]
+    assert [r[2] for r in rows].count("failed") == 1
+    # Finished with a failed child: Retry runs it again.
+    assert d.find_element(By.ID, "retry-job").is_enabled()
+    screenshot(d, "sweep")
+
+    # A child's page links back to its sweep.
+    d.find_element(By.CSS_SELECTOR, "#sweep-children-rows tr[data-job-id] a").click()
+    link = wait(d, lambda d: d.find_element(By.ID, "parent-sweep"), 15, "the child's page")
+    assert link.text == "baseline, seed 0"
+    link.click()
+    wait(d, lambda d: points(d, "chart-forest-knn_acc") == 3, 15, "back on the sweep")
+    api.close()

@@ -54,7 +54,8 @@ def tiny_spec(epochs: int = 3, **overrides) -> dict:
         "epochs": epochs,
         "batch_size": 128,
         "optimizer": {"name": "sgd", "lr": 0.05},
-        "ldreg": {"alpha": 0.01, "k": 16, "warmup_epochs": 1},
+        # The warm-up must be below epochs (a 1-epoch job has none).
+        "ldreg": {"alpha": 0.01, "k": 16, "warmup_epochs": min(1, epochs - 1)},
         "eval": {"lid_k": [8, 32], "knn_k": [5], "max_samples": 300},
         "seed": 0,
     }

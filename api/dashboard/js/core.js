@@ -5,7 +5,7 @@ export const KEY_STORAGE = "ldreg.apiKey";
 export const POLL_MS = 2000;
 export const STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
 export const ACTIVE = new Set(["queued", "running", "cancelling"]);
-export const KINDS = ["pretrain", "diagnose"];
+export const KINDS = ["pretrain", "diagnose", "sweep"];
 // Metric names of docs/science.md; each group is one plot.
 // The loss terms, lr and ldreg_lid_gmean have a point per training step besides each
 // epoch's value (docs/api.md, "Metrics"); the evaluations have one per evaluated epoch.
@@ -181,7 +181,7 @@ export function progressCell(job, epochSeconds) {
   if (!epochs) return h("span", { class: "eta" }, job.state === "running" ? "running" : "–");
   const eta = etaSeconds(job, epochSeconds);
   return h("div", { class: "progress" },
-    h("progress", { max: epochs, value: epoch, "aria-label": `epoch ${epoch} of ${epochs}` }),
+    h("progress", { max: epochs, value: epoch, "aria-label": job.kind === "sweep" ? `${epoch} of ${epochs} children finished` : `epoch ${epoch} of ${epochs}` }),
     h("span", { class: "mono" }, `${epoch}/${epochs}`),
     eta !== null ? h("span", { class: "eta" }, `ETA ${fmtDuration(eta)}`) : null);
 }

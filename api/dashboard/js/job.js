@@ -98,6 +98,7 @@ export function renderJob(view, jobId) {
     const rows = [
       ["State", stateBadge(job.state)],
       ["Kind", job.kind],
+      job.parent_id ? ["Sweep", h("a", { href: `#/jobs/${job.parent_id}`, id: "parent-sweep" }, `${job.sweep_arm}, seed ${job.sweep_seed}`)] : null,
       job.kind === "pretrain" ? ["Method", `${methodOf(job)} · ${job.spec.backbone || ""}`] : null,
       job.kind === "pretrain" ? ["LDReg", ldregOf(job)] : null,
       ["Progress", progressCell(job, series.epoch_seconds)],

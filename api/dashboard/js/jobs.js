@@ -29,6 +29,9 @@ export function renderJobs(view, params) {
   const tbody = h("tbody", { id: "job-rows" });
   const more = h("button", { type: "button", class: "secondary", id: "more-jobs", hidden: true }, "Show more");
   more.addEventListener("click", () => { limit = Math.min(limit + 50, 200); refresh(); });
+  // Workers and the queue (GET /v1/workers, /v1/queue): capacity, busy or idle, and
+  // where your queued jobs stand; other teams' jobs only as counts.
+  const fleet = h("section", { id: "fleet", class: "hint", "aria-label": "Workers and queue" });
 
   view.append(
     h("h1", {}, "Jobs"),
@@ -44,7 +47,8 @@ export function renderJobs(view, params) {
         h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Select for comparison")),
         ["Name", "Kind", "Method", "LDReg", "State", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)))),
       tbody),
-    more);
+    more,
+    fleet);
 
   // One row per job, kept across polls: the checkbox and the link are the same elements
   // from one refresh to the next, so a click that lands while a poll updates the list
@@ -66,7 +70,12 @@ export function renderJobs(view, params) {
       update(job, durations) {
         tr.dataset.state = job.state;
         link.textContent = jobTitle(job);
-        const values = [job.kind, methodOf(job), ldregOf(job), stateBadge(job.state),
+        // A sweep: how many children it runs (they are listed too, each a job).
+        const kind = job.kind === "sweep" ? `sweep · ${job.children} children` : job.kind;
+        const state = job.queue_reason
+          ? h("span", {}, stateBadge(job.state), h("div", { class: "hint" }, job.queue_reason))
+          : stateBadge(job.state);
+        const values = [kind, methodOf(job), ldregOf(job), state,
           progressCell(job, durations), fmtTime(job.created_at)];
         values.forEach((v, i) => replaceIfChanged(cells[i], v));
       },
@@ -109,6 +118,29 @@ export function renderJobs(view, params) {
     tbody.dataset.refreshes = String(Number(tbody.dataset.refreshes || 0) + 1);
     placeChildren(tbody, page.jobs.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No jobs match."))]);
     more.hidden = !page.next_cursor || limit >= 200;
+    refreshFleet();
+  }
+
+  async function refreshFleet() {
+    let workers, queue;
+    try {
+      [workers, queue] = await Promise.all([api("/v1/workers"), api("/v1/queue")]);
+    } catch (_) { return; /* the job list's own errors are reported above */ }
+    if (stale(generation)) return;
+    const ws = workers.workers;
+    const gpus = ws.reduce((n, w) => n + w.gpus, 0);
+    const free = ws.reduce((n, w) => n + w.free_gpus, 0);
+    const lines = [
+      h("div", { id: "fleet-workers" }, ws.length
+        ? `Workers: ${ws.length} live, ${gpus} GPUs, ${free} free (` +
+          ws.map((w) => `${w.id}: ${w.state}, ${w.free_gpus}/${w.gpus} free`).join("; ") + ")"
+        : "Workers: none live; queued jobs start when one registers"),
+      h("div", { id: "fleet-queue" }, `Queue: ${queue.queued_total} queued` +
+        ` (${queue.queued_total - queue.queued_other_teams} yours), ${queue.running_total} running` +
+        (queue.jobs.length ? "; next of yours: #" + (queue.jobs[0].position ?? "-") +
+          ` ${queue.jobs[0].id.slice(0, 12)}, ${queue.jobs[0].reason}` : "")),
+    ];
+    placeChildren(fleet, lines);
   }
   every(POLL_MS, refresh);
 }

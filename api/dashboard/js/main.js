@@ -9,7 +9,7 @@
 // The router: renders the view of the location's hash; the sign-in form.
 import { renderCompare } from "./compare.js";
 import { KEY_STORAGE, api, h, notify, parseHash, session } from "./core.js";
-import { renderJob } from "./job.js";
+import { renderJobOrSweep } from "./sweep.js";
 import { renderJobs } from "./jobs.js";
 import { renderResubmit } from "./resubmit.js";
 import { renderSubmit } from "./submit.js";
@@ -37,7 +37,8 @@ export function render() {
     else a.removeAttribute("aria-current");
   }
   if (parts[0] === "jobs" && parts[1] && parts[2] === "resubmit") return renderResubmit(view, decodeURIComponent(parts[1]));
-  if (parts[0] === "jobs" && parts[1]) return renderJob(view, decodeURIComponent(parts[1]));
+  // A sweep's page is its own (sweep.js); any other job's is job.js's.
+  if (parts[0] === "jobs" && parts[1]) return renderJobOrSweep(view, decodeURIComponent(parts[1]));
   if (parts[0] === "compare") return renderCompare(view, params);
   if (parts[0] === "submit") return renderSubmit(view);
   return renderJobs(view, params);
