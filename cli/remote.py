@@ -76,7 +76,7 @@ JobArg = Annotated[
 ]
 # ldreg.train.STOP_POLL_STEPS (not imported: no torch here; tests/test_client_cli.py
 # checks the two agree): a running job checks for a stop request every this many steps.
-STOP_POLL_STEPS = 5
+STOP_POLL_STEPS = 1
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -656,7 +656,7 @@ def metrics(
 
 def cancel(job_id: JobArg, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Ask a job to stop: a queued job ends at once; a running one once its worker has
-    seen the request (next heartbeat) and reached its next stop check (every 5 steps)."""
+    seen the request (next heartbeat) and finished its current training step."""
     with _api(url, api_key) as api:
         job = api.cancel(job_id)
     print(f"{job.id} {job.state}")
@@ -669,7 +669,8 @@ def _cancel_note(job: Job) -> str:
         return f"job {job.id} had not started: cancelled at once"
     p = job.progress
     batch = job.spec.get("batch_size")
-    when = f"within {STOP_POLL_STEPS} training steps after that"
+    steps = "step" if STOP_POLL_STEPS == 1 else f"{STOP_POLL_STEPS} steps"
+    when = f"at the end of its current training {steps} after that"
     if p.images_per_second and isinstance(batch, int) and batch > 0:
         when += f" (~{STOP_POLL_STEPS * batch / p.images_per_second:.1f}s at its current speed)"
     return (

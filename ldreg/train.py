@@ -63,8 +63,10 @@ from ldreg.spec import PretrainSpec
 # 2: the online probe has its own optimizer, saved as "probe_optimizer".
 CHECKPOINT_FORMAT = 2
 BACKBONE_FORMAT = "ldreg-backbone-v1"
-# Steps between polls of sink.should_stop(): prompt cancellation, few database reads.
-STOP_POLL_STEPS = 5
+# Steps between polls of sink.should_stop(). Every step: the worker's sink answers from
+# memory (its heartbeat thread reads the database), so a cancel or a preemption waits
+# for one step at most, whatever the spec.
+STOP_POLL_STEPS = 1
 EVAL_BATCH_SIZE = 256
 # Spec fields that may change between a run and its resumption without changing it.
 RESUMABLE_CHANGES = {"devices", "num_workers", "compile", "augment_on"}
