@@ -174,7 +174,10 @@ def pretrain(
         from ldreg.spec import field_errors
 
         try:
-            spec = type(spec).model_validate({**spec.model_dump(), "devices": devices})
+            dump = spec.model_dump()
+            # devices and resources.gpus are one number: override both.
+            resources = {**dump["resources"], "gpus": devices}
+            spec = type(spec).model_validate({**dump, "devices": devices, "resources": resources})
         except ValidationError as e:
             fail("; ".join(reason for _, reason in field_errors(e)), 2)
     if device is not None and device not in ("cpu", "cuda"):

@@ -57,10 +57,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -87,7 +85,11 @@ BASE_ARM = "base"
 INTERVAL_METHOD = "union of the percentile bootstrap and Student's t interval"
 
 Direction = Literal["higher", "lower"]
-Values = Sequence[float] | npt.NDArray[np.float64]
+if TYPE_CHECKING:  # numpy is imported where a report is computed, not by the API's import
+    import numpy as np
+    import numpy.typing as npt
+
+    Values = Sequence[float] | npt.NDArray[np.float64]
 MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 GridPath = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -529,6 +531,8 @@ def percentile_bootstrap(
 ) -> tuple[float, float]:
     """The percentile-bootstrap interval of the mean (``scipy.stats.bootstrap``,
     resampling the values with ``numpy.random.default_rng(seed)``)."""
+    import numpy as np
+
     result = _scipy_stats().bootstrap(
         (np.asarray(values, dtype=float),),
         np.mean,
@@ -544,6 +548,8 @@ def percentile_bootstrap(
 
 def t_interval(values: Values, *, confidence: float) -> tuple[float, float]:
     """Student's t interval of the mean: mean ± t_{(1+c)/2, n-1} · sd / √n."""
+    import numpy as np
+
     x = np.asarray(values, dtype=float)
     n = len(x)
     half = (
@@ -559,6 +565,8 @@ def mean_interval(
     values: Values, *, confidence: float, resamples: int, seed: int = BOOTSTRAP_SEED
 ) -> Interval:
     """The interval the report gives for a mean over seeds (module docstring: why)."""
+    import numpy as np
+
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return Interval(None, None, None, note="no values")
@@ -636,6 +644,8 @@ def _summary(
     by_seed: Mapping[int, ChildResult], seeds: Sequence[int], metric: str, sweep: SweepSpec
 ) -> dict[str, Any]:
     """An arm's own mean over its succeeded seeds, with its interval."""
+    import numpy as np
+
     used = [s for s in seeds if s in by_seed and by_seed[s].state == "succeeded"]
     used = [s for s in used if _metric(by_seed[s], metric) is not None]
     x = np.asarray([_metric(by_seed[s], metric) for s in used], dtype=np.float64)
@@ -670,6 +680,8 @@ def _effect(
     noise: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """arm − baseline on each seed where both succeeded, with its interval and verdict."""
+    import numpy as np
+
     paired, excluded = [], []
     for seed in sweep.seeds:
         reason = _unpaired_reason(arm.get(seed), base.get(seed), metric)

@@ -45,6 +45,7 @@ JOB_KEYS = {
     "spec",
     "worker",
     "queue_position",
+    "queue_reason",  # why a queued job waits (service/scheduling.py's explain_queue)
     # a sweep's child's sweep, arm and seed; a sweep's number of children
     "parent_id",
     "sweep_arm",

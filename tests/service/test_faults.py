@@ -127,9 +127,11 @@ def test_jobs_survive_losing_every_broker_message(
     for job_id in ids:
         job = wait_for(client, job_id, finished, worker=worker)
         assert job["state"] == "succeeded" and job["attempt"] == 1, job
-    # Each lost message was re-published exactly once: while the second job waited
-    # behind the first, its new message was visibly in the queue, so no duplicates.
-    assert worker.log().count("its message is gone, re-published") == 2
+    # Each lost message was re-published. A message only wakes a slot, which claims the
+    # job the scheduler ranks first (service/claiming.py): the second job's message
+    # may wake the slot that takes the first, and the second is then re-published once
+    # more; a spare message claims nothing. Either way each job ran once (attempt 1).
+    assert 2 <= worker.log().count("its message is gone, re-published") <= 3
 
 
 def test_cancel_running_job_frees_the_worker(

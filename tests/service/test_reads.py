@@ -163,10 +163,11 @@ def test_get_job_is_the_orm_view_and_checks_the_key_each_time(
     got = client.get(f"/v1/jobs/{job_id}")
     assert got.status_code == 200 and got.headers["content-type"] == "application/json"
     # The list is served by the ORM path: the same job must read identically (but for
-    # the queue position, which only the list computes).
+    # the queue position and reason, which only the list computes).
     listed = next(j for j in client.get("/v1/jobs").json()["jobs"] if j["id"] == job_id)
     assert isinstance(listed.pop("queue_position"), int)
-    assert got.json() == {**listed, "queue_position": None} == job.json()
+    assert isinstance(listed.pop("queue_reason"), str)
+    assert got.json() == {**listed, "queue_position": None, "queue_reason": None} == job.json()
     # A short prefix reads the same job (resolved first, then the same poll).
     assert client.get(f"/v1/jobs/{job_id[:7]}").json() == got.json()
 
