@@ -139,8 +139,10 @@ def run_one(spec_dict: dict[str, Any], data_root: str) -> dict[str, Any]:
 
 
 def paired_effect(arm: list[float], base: list[float], *, seed: int = 0) -> dict[str, float]:
-    """Mean paired difference with a 95 % percentile-bootstrap interval over seeds."""
-    from scipy.stats import bootstrap
+    """Mean paired difference with a 95 % percentile-bootstrap interval over seeds, the
+    bootstrap half of a sweep report's interval (``service.sweeps.percentile_bootstrap``;
+    the service's sweeps also widen it to Student's t interval, docs/sweeps.md)."""
+    from service.sweeps import percentile_bootstrap
 
     diffs = np.asarray(arm, dtype=float) - np.asarray(base, dtype=float)
     n = len(diffs)
@@ -148,17 +150,8 @@ def paired_effect(arm: list[float], base: list[float], *, seed: int = 0) -> dict
     if n < 2 or np.all(diffs == diffs[0]):
         out.update(ci_low=float(diffs.mean()), ci_high=float(diffs.mean()))
         return out
-    res = bootstrap(
-        (diffs,),
-        np.mean,
-        confidence_level=0.95,
-        n_resamples=10_000,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    out.update(
-        ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high)
-    )
+    low, high = percentile_bootstrap(diffs, confidence=0.95, resamples=10_000, seed=seed)
+    out.update(ci_low=low, ci_high=high)
     return out
 
 
