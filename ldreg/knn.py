@@ -1,15 +1,19 @@
 """Exact k-nearest-neighbour search, and the input checks it shares with ``ldreg.lid``.
 
-Exact k-NN search in bounded memory (``knn``): the score matrix |y|^2 - 2 x.y of the
-centred data is computed block by block with one GEMM per block (never an N x N
-matrix, never a full sort); each block is folded into running lists of k + margin
-candidates per query (a Numba heap kernel on the CPU, ``topk`` on CUDA); when the
+Exact k-NN search in bounded memory (``knn``). The data are centred on the reference
+mean and the dot products x.y are computed block by block, one GEMM per block into one
+reused buffer (never an N x N matrix, never a full sort); the score |y|^2 - 2 x.y ranks
+x's neighbours as ||x - y||^2 does. Each block is folded into running lists of
+k + margin candidates per query (Numba kernels on the CPU, ``topk`` on CUDA). When the
 reference is ``x`` itself only the upper triangle of blocks is multiplied, each block
-serving both orientations. The candidates' distances are then recomputed directly as
-||x - y|| (no cancellation: duplicates come out exactly 0) and re-ranked, so rounding
-in the expansion cannot change the result. Distances are differentiable with respect
-to ``x`` and ``reference`` through a custom backward that never materialises an
-(N, k, D) tensor outside a chunk.
+serving both orientations, and the diagonal is covered by smaller blocks so that little
+of the GEMM is spent twice. The candidates' distances are then recomputed directly as
+||x - y|| (on the CPU in float64: no cancellation, duplicates come out exactly 0) and
+re-ranked, so rounding in the expansion changes nothing unless it pushes a true
+neighbour past all k // 4 (at least 8) spare candidates; candidates at exactly the same
+distance are ordered by index. Distances are differentiable with respect to
+``x`` and ``reference`` through a custom backward that never materialises an (N, k, D)
+tensor outside a chunk.
 
 Usage::
 
@@ -66,10 +70,13 @@ def as_points(x: object, name: str) -> Tensor:
         raise LIDInputError(f"{name} must hold real numbers, found dtype {x.dtype}")
     if not x.is_floating_point():
         x = x.to(torch.float32)
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise LIDInputError(f"{name} contains NaN or inf in {bad} of {x.numel()} entries")
+    # A NaN or inf entry makes its column's sum NaN or inf: one cheap pass, and only if
+    # a sum is not finite (or overflowed) are the entries checked one by one.
+    if not bool(torch.isfinite(x.sum(dim=0)).all()):
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise LIDInputError(f"{name} contains NaN or inf in {bad} of {x.numel()} entries")
     return x
 
 
@@ -198,96 +205,125 @@ def _search(
 ) -> tuple[Tensor, Tensor]:
     n_queries, n_ref = queries.shape[0], ref.shape[0]
     elem = queries.element_size()
+    queries = queries.contiguous()
+    ref = queries if symmetric else ref.contiguous()
     available = n_ref - (self_offset is not None)
     # Rounding in the expansion can swap near-ties; a few spare candidates, re-ranked by
     # directly computed distances, make the final top-k exact.
     n_candidates = min(k + max(8, k // 4), available)
+    # Centring on the reference mean removes most of the expansion's cancellation.
     center = ref.mean(dim=0, keepdim=True)
-    ref_aug = _augmented_reference(ref, center)
+    ref_c = ref - center
+    norms = torch.linalg.vector_norm(ref_c, dim=1).square_()
     candidates = _CandidateLists(
         n_queries, n_candidates, ref.dtype, ref.device, n_scores=n_queries * n_ref
     )
     with candidates:
         if symmetric:
-            # Queries = reference: block (i, j) of the score matrix also serves, transposed,
-            # as block (j, i), so only the upper triangle is multiplied (half the GEMM).
-            # Diagonal blocks go first: they seed every candidate list, so the transposed
-            # merges that follow mostly compare and skip.
-            side = chunk_size or max(n_candidates, math.isqrt(block_bytes // (4 * elem)))
-            sq_norms = ref_aug[:, -1].contiguous()
-            starts = range(0, n_ref, side)
-            pairs = [(i0, i0) for i0 in starts] + [(i, j) for i in starts for j in starts if j > i]
-            for i0, j0 in pairs:
-                i1, j1 = min(i0 + side, n_ref), min(j0 + side, n_ref)
-                scores = _augmented_queries(queries[i0:i1], center) @ ref_aug[j0:j1].T
+            # Queries = reference: block (i, j) of the dot products also serves,
+            # transposed, as block (j, i), so only the upper triangle is multiplied.
+            if chunk_size is not None:
+                side, diagonal = chunk_size, (chunk_size + 1) // 2
+            elif candidates.uses_kernels:
+                # Each switch between the GEMM (torch's OpenMP threads, which spin a
+                # while after it) and the folds (the pool's threads) costs CPU, so the
+                # blocks are as large as block_bytes allows; the diagonal is covered in
+                # quarter-side blocks.
+                side = max(n_candidates, math.isqrt(block_bytes // elem))
+                diagonal = (side + 3) // 4
+            else:
+                # torch's merge needs room for temporaries of a block's size.
+                side = max(n_candidates, math.isqrt(block_bytes // (4 * elem)))
+                diagonal = (side + 1) // 2
+            buffer = ref_c.new_empty(min(side, n_ref) ** 2)
+            for i0, i1, j0, j1 in _upper_triangle(n_ref, side, diagonal):
+                dots = _matmul_into(buffer, ref_c[i0:i1], ref_c[j0:j1])
                 if j0 == i0:
-                    scores.diagonal().fill_(math.inf)
-                candidates.merge(i0, scores, j0)
-                if j0 != i0:
-                    candidates.merge_transposed(j0, scores, i0, sq_norms[i0:i1], sq_norms[j0:j1])
+                    # A score of +inf: a point is not its own neighbour.
+                    dots.diagonal().fill_(-math.inf)
+                    candidates.fold(i0, dots, j0, norms[j0:j1])
+                else:
+                    candidates.fold(i0, dots, j0, norms[j0:j1], row_norms=norms[i0:i1])
         else:
             if chunk_size is None:
                 chunk_size = max(64, min(4096, block_bytes // (elem * n_ref)))
             block = min(n_ref, max(n_candidates, block_bytes // (elem * chunk_size)))
+            buffer = ref_c.new_empty(min(chunk_size, n_queries) * block)
             for start in range(0, n_queries, chunk_size):
-                q_aug = _augmented_queries(queries[start : start + chunk_size], center)
-                rows = torch.arange(q_aug.shape[0], device=q_aug.device)
+                q_c = queries[start : start + chunk_size] - center
+                rows = torch.arange(q_c.shape[0], device=q_c.device)
                 for b0 in range(0, n_ref, block):
-                    scores = q_aug @ ref_aug[b0 : b0 + block].T
+                    dots = _matmul_into(buffer, q_c, ref_c[b0 : b0 + block])
                     if self_offset is not None:
                         cols = self_offset + start + rows - b0
-                        inside = (cols >= 0) & (cols < scores.shape[1])
-                        scores[rows[inside], cols[inside]] = math.inf
-                    candidates.merge(start, scores, b0)
-    best_i = candidates.indices
-    del ref_aug, candidates
-
-    out_d = torch.empty(n_queries, k, dtype=queries.dtype, device=queries.device)
-    out_i = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
-    step = 65536
-    for start in range(0, n_queries, step):
-        chosen = best_i[start : start + step]
-        exact = _pair_distances(queries[start : start + step], ref, chosen, block_bytes)
-        if self_offset is not None:
-            own = self_offset + torch.arange(start, start + len(chosen), device=ref.device)
-            exact = exact.masked_fill(chosen == own.unsqueeze(1), math.inf)
-        exact, order = exact.sort(dim=1)
-        out_d[start : start + step] = exact[:, :k]
-        out_i[start : start + step] = chosen.gather(1, order[:, :k])
+                        inside = (cols >= 0) & (cols < dots.shape[1])
+                        dots[rows[inside], cols[inside]] = -math.inf
+                    candidates.fold(start, dots, b0, norms[b0 : b0 + block])
+        del ref_c, buffer
+        best_i = candidates.indices
+        out_d = torch.empty(n_queries, k, dtype=queries.dtype, device=queries.device)
+        out_i = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
+        step = 16384  # rows re-ranked at a time: their sorts' temporaries stay ~50 MB
+        for start in range(0, n_queries, step):
+            # Sorted by index first, so that the stable sort by distance breaks exact ties
+            # (duplicates) by index, whatever order the candidates were found in.
+            chosen = best_i[start : start + step].sort(dim=1).values
+            exact = candidates.exact_distances(
+                queries, ref, start, chosen, self_offset, block_bytes
+            )
+            exact, order = exact.sort(dim=1, stable=True)
+            out_d[start : start + step] = exact[:, :k]
+            out_i[start : start + step] = chosen.gather(1, order[:, :k])
     return out_d, out_i
 
 
-def _augmented_reference(ref: Tensor, center: Tensor) -> Tensor:
-    """[-2 (y - c), |y - c|^2] per row: one GEMM with [x - c, 1] then gives
-    |y - c|^2 - 2 (x - c).(y - c) = ||x - y||^2 - |x - c|^2, which ranks x's neighbours
-    exactly as the squared distance does, with no extra pass over the scores. Centring
-    on the reference mean removes most of the expansion's cancellation."""
-    n, dim = ref.shape
-    out = torch.empty(n, dim + 1, dtype=ref.dtype, device=ref.device)
-    for s in range(0, n, 8192):
-        centred = ref[s : s + 8192] - center
-        out[s : s + 8192, dim] = centred.square().sum(dim=1)
-        out[s : s + 8192, :dim] = centred.mul_(-2.0)
-    return out
+def _upper_triangle(n: int, side: int, diagonal: int) -> list[tuple[int, int, int, int]]:
+    """Blocks (i0, i1, j0, j1) with j0 >= i0 that cover the upper triangle of an n x n
+    matrix once, diagonal blocks first: they fill every candidate list, so the folds that
+    follow mostly compare and skip. Off the diagonal the blocks are side x side; a
+    diagonal block of that side is halved until its parts are at most ``diagonal`` wide
+    (each halving leaves one off-diagonal block between the halves), so the redundant
+    lower halves of the diagonal blocks cost about n * diagonal / 2 products."""
+    on_diagonal: list[tuple[int, int, int, int]] = []
+    above: list[tuple[int, int, int, int]] = []
+
+    def split(start: int, stop: int) -> None:
+        if stop - start <= diagonal:
+            on_diagonal.append((start, stop, start, stop))
+            return
+        mid = start + (stop - start + 1) // 2
+        split(start, mid)
+        split(mid, stop)
+        above.append((start, mid, mid, stop))
+
+    for i0 in range(0, n, side):
+        i1 = min(i0 + side, n)
+        split(i0, i1)
+        above += [(i0, i1, j0, min(j0 + side, n)) for j0 in range(i1, n, side)]
+    return on_diagonal + above
 
 
-def _augmented_queries(q: Tensor, center: Tensor) -> Tensor:
-    out = torch.empty(q.shape[0], q.shape[1] + 1, dtype=q.dtype, device=q.device)
-    out[:, :-1] = q - center
-    out[:, -1] = 1.0
-    return out
+def _matmul_into(buffer: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T written into the front of ``buffer``: one allocation for the whole search
+    instead of a fresh (page-faulted) block per GEMM."""
+    out = buffer[: a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
+    return torch.mm(a, b.T, out=out)
 
 
 class _CandidateLists:
     """Running lists of the ``width`` smallest scores (and their reference rows) per query.
 
-    On the CPU a Numba kernel (``ldreg._knn_cpu``) keeps each list as a max-heap and
-    scans a score block once, touching a list only when a score beats its current worst
-    -- about one comparison per score, split over ``torch.get_num_threads()`` threads
-    (the kernel releases the GIL). ``torch.topk`` over every score would cost more than
-    the GEMM that produced them. Elsewhere (CUDA), or without Numba,
-    :func:`_merge_candidates` does it with torch ops.
-    Use as a context manager (it owns the CPU thread pool).
+    The score of query x against reference y is |y|^2 - 2 x.y (centred data): it ranks
+    x's neighbours as ||x - y||^2 = |x|^2 + |y|^2 - 2 x.y does. Blocks arrive as dot
+    products; a block computed once serves both orientations in the symmetric search.
+
+    On the CPU Numba kernels (``ldreg._knn_cpu``) keep each list as a max-heap, screen a
+    block with vectorised comparisons and touch a heap only when a score beats its
+    current worst entry, split over ``torch.get_num_threads()`` threads (the kernels
+    release the GIL); they also recompute the candidates' distances. ``torch.topk``
+    over every score would cost more than the GEMM that produced them. Elsewhere
+    (CUDA), or without Numba, torch ops do the same (:func:`_merge_candidates`,
+    :func:`_pair_distances`). Use as a context manager (it owns the CPU thread pool).
     """
 
     def __init__(
@@ -297,13 +333,13 @@ class _CandidateLists:
         self.indices = torch.zeros(n_queries, width, dtype=torch.long, device=device)
         # Small searches (a training batch) are not worth a thread pool or loading Numba.
         on_cpu = self.values.device.type == "cpu"
-        self._kernel = _cpu_merge_kernel() if on_cpu and n_scores >= _KERNEL_MIN_SCORES else None
+        self._kernels = _cpu_kernels() if on_cpu and n_scores >= _KERNEL_MIN_SCORES else None
+        self.uses_kernels = self._kernels is not None
         self._pool: ThreadPoolExecutor | None = None
         self._workers = max(1, torch.get_num_threads())
-        self._empty = torch.empty(0, dtype=dtype).numpy() if self._kernel else None
 
     def __enter__(self) -> _CandidateLists:
-        if self._kernel is not None:
+        if self._kernels is not None:
             # One pool per search, never a global one: a pool inherited across fork()
             # (Celery prefork workers) would deadlock.
             self._pool = ThreadPoolExecutor(max_workers=self._workers)
@@ -314,60 +350,89 @@ class _CandidateLists:
             self._pool.shutdown()
             self._pool = None
 
-    def merge(self, row0: int, scores: Tensor, col0: int) -> None:
-        """Fold (queries, references) scores of query rows row0.. and reference rows col0.."""
-        if self._pool is None:
-            _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=False)
-        else:
-            self._run(row0, scores, col0, False, self._empty, self._empty)
-
-    def merge_transposed(
-        self, row0: int, scores: Tensor, col0: int, ref_norms: Tensor, query_norms: Tensor
+    def fold(
+        self,
+        row0: int,
+        dots: Tensor,
+        col0: int,
+        col_norms: Tensor,
+        row_norms: Tensor | None = None,
     ) -> None:
-        """Fold a block computed with the roles swapped: entry (r, q) is
-        |y_q|^2 - 2 y_r.y_q (centred), so query q's score against reference r,
-        |y_r|^2 - 2 y_r.y_q, is entry + ref_norms[r] - query_norms[q]."""
+        """Fold ``dots[q, c]`` = x_{row0 + q} . y_{col0 + c} (centred): query row0 + q
+        scores ``col_norms[c] - 2 dots[q, c]`` against reference col0 + c. With
+        ``row_norms`` (a block of the symmetric search), also transposed: query col0 + c
+        scores ``row_norms[q] - 2 dots[q, c]`` against reference row0 + q."""
         if self._pool is None:
-            scores.add_(ref_norms.unsqueeze(1)).sub_(query_norms.unsqueeze(0))
-            _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=True)
-        else:
-            self._run(row0, scores, col0, True, ref_norms.numpy(), query_norms.numpy())
-
-    def _run(self, row0, scores, col0, transposed, ref_norms, query_norms) -> None:
-        assert self._pool is not None and self._kernel is not None
-        n_rows = scores.shape[1] if transposed else scores.shape[0]
-        n_parts = min(self._workers, n_rows)
-        bounds = [n_rows * p // n_parts for p in range(n_parts + 1)]
-        block, values, indices = scores.numpy(), self.values.numpy(), self.indices.numpy()
+            scores = torch.add(col_norms, dots, alpha=-2.0)
+            _merge_candidates(self.values, self.indices, row0, scores, col0, transposed=False)
+            if row_norms is not None:
+                torch.add(row_norms.unsqueeze(1), dots, alpha=-2.0, out=scores)
+                _merge_candidates(self.values, self.indices, col0, scores, row0, transposed=True)
+            return
+        assert self._kernels is not None
+        fold_block = self._kernels[0]
+        block, values, indices = dots.numpy(), self.values.numpy(), self.indices.numpy()
+        # Both orientations touch disjoint lists (rows row0.. and col0..), so their parts
+        # share one round of the pool.
         jobs = [
-            self._pool.submit(
-                self._kernel,
-                block,
-                col0,
-                values,
-                indices,
-                row0,
-                lo,
-                hi,
-                transposed,
-                ref_norms,
-                query_norms,
-            )
-            for lo, hi in itertools.pairwise(bounds)
+            (block, col0, col_norms.numpy(), values, indices, row0, lo, hi, False)
+            for lo, hi in self._parts(dots.shape[0])
         ]
-        for job in jobs:
-            job.result()
+        if row_norms is not None:
+            jobs += [
+                (block, row0, row_norms.numpy(), values, indices, col0, lo, hi, True)
+                for lo, hi in self._parts(dots.shape[1])
+            ]
+        self._map(fold_block, jobs)
+
+    def exact_distances(
+        self,
+        queries: Tensor,
+        ref: Tensor,
+        start: int,
+        chosen: Tensor,
+        self_offset: int | None,
+        block_bytes: int,
+    ) -> Tensor:
+        """||queries[start + i] - ref[chosen[i, j]]||, computed from differences (exact
+        zeros for duplicates); +inf where ``chosen`` is the query's own row."""
+        rows = queries[start : start + chosen.shape[0]]
+        if self._pool is None:
+            exact = _pair_distances(rows, ref, chosen, block_bytes)
+            if self_offset is not None:
+                own = self_offset + start + torch.arange(len(chosen), device=ref.device)
+                exact = exact.masked_fill(chosen == own.unsqueeze(1), math.inf)
+            return exact
+        assert self._kernels is not None
+        pair_distances = self._kernels[1]
+        out = torch.empty(chosen.shape, dtype=torch.float64)
+        first_own = -1 if self_offset is None else self_offset + start
+        arrays = (rows.numpy(), ref.numpy(), chosen.numpy(), out.numpy())
+        jobs = [(*arrays, lo, hi, first_own) for lo, hi in self._parts(len(rows))]
+        self._map(pair_distances, jobs)
+        return out
+
+    def _parts(self, n: int) -> list[tuple[int, int]]:
+        # A few parts per thread, taken in turn: a thread slowed by other processes on
+        # the machine does not hold the others up at the end of each round.
+        n_parts = min(4 * self._workers, n)
+        return list(itertools.pairwise(n * p // n_parts for p in range(n_parts + 1)))
+
+    def _map(self, kernel, jobs: list[tuple]) -> None:
+        assert self._pool is not None
+        for future in [self._pool.submit(kernel, *job) for job in jobs]:
+            future.result()
 
 
 @functools.cache
-def _cpu_merge_kernel():
-    """``ldreg._knn_cpu.merge_block`` (a Numba kernel, compiled once and cached on disk),
-    or None where Numba is missing."""
+def _cpu_kernels():
+    """``(fold_block, pair_distances)`` from ``ldreg._knn_cpu`` (Numba kernels, compiled
+    once and cached on disk), or None where Numba is missing."""
     try:
-        from ldreg._knn_cpu import merge_block
+        from ldreg._knn_cpu import fold_block, pair_distances
     except ImportError:  # pragma: no cover - numba is a dependency; torch ops still work
         return None
-    return merge_block
+    return fold_block, pair_distances
 
 
 def _merge_candidates(

@@ -85,40 +85,121 @@ def test_symmetric_search_over_blocks_equals_the_general_search():
     torch.testing.assert_close(symmetric.double(), brute_force_knn(x, 15), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["torch", "numba"])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_candidate_merge_keeps_the_smallest_scores_per_query(kernel, transposed):
-    from ldreg._knn_cpu import merge_block
-    from ldreg.knn import _merge_candidates
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "numba"])
+def test_candidate_lists_fold_both_orientations_into_the_smallest_scores(kernels):
+    from ldreg.knn import _CandidateLists
 
     g = torch.Generator().manual_seed(12)
-    width, n_queries = 7, 40
-    values = torch.full((n_queries, width), math.inf)
-    indices = torch.zeros(n_queries, width, dtype=torch.long)
-    blocks = [torch.randn(n_queries, 30, generator=g) for _ in range(3)]
-    empty = np.empty(0, dtype=np.float32)
-    zeros = np.zeros(n_queries, dtype=np.float32)
-    for b, block in enumerate(blocks):
-        stored = block.T.contiguous() if transposed else block
-        if kernel == "torch":
-            _merge_candidates(values, indices, 0, stored, 30 * b, transposed=transposed)
-        else:
-            norms = (np.zeros(30, dtype=np.float32), zeros) if transposed else (empty, empty)
-            merge_block(
-                stored.numpy(),
-                30 * b,
-                values.numpy(),
-                indices.numpy(),
-                0,
-                0,
-                n_queries,
-                transposed,
-                *norms,
-            )
-    want_v, want_i = torch.cat(blocks, dim=1).topk(width, dim=1, largest=False)
-    order = values.argsort(dim=1)
-    torch.testing.assert_close(values.gather(1, order), want_v)
-    assert torch.equal(indices.gather(1, order), want_i)
+    n, width, side = 600, 7, 200  # 200-column blocks: the kernels' screens and bound at work
+    points = torch.randn(n, 5, generator=g)
+    dots = points @ points.T
+    dots = (dots + dots.T) / 2  # exactly symmetric: a block and its transpose agree
+    dots.fill_diagonal_(-math.inf)  # scores +inf: a point is not its own candidate
+    norms = points.square().sum(dim=1)
+    want_v, want_i = torch.add(norms, dots, alpha=-2.0).topk(width, dim=1, largest=False)
+
+    device = torch.device("cpu")
+    lists = _CandidateLists(n, width, torch.float32, device, n_scores=2**40 if kernels else 0)
+    with lists:
+        starts = range(0, n, side)
+        for i0 in starts:  # diagonal blocks first, then each block above it in both ways
+            block = dots[i0 : i0 + side, i0 : i0 + side].contiguous()
+            lists.fold(i0, block, i0, norms[i0 : i0 + side])
+        for i0 in starts:
+            for j0 in range(i0 + side, n, side):
+                block = dots[i0 : i0 + side, j0 : j0 + side].contiguous()
+                lists.fold(i0, block, j0, norms[j0 : j0 + side], norms[i0 : i0 + side])
+    order = lists.values.argsort(dim=1)
+    assert torch.equal(lists.values.gather(1, order), want_v)
+    assert torch.equal(lists.indices.gather(1, order), want_i)
+
+
+def test_upper_triangle_blocks_cover_every_pair_once_diagonal_blocks_first():
+    from ldreg.knn import _upper_triangle
+
+    n = 1000
+    blocks = _upper_triangle(n, 300, 80)  # diagonal blocks: 300 -> 150 -> 75
+    covered = torch.zeros(n, n, dtype=torch.int32)
+    for i0, i1, j0, j1 in blocks:
+        covered[i0:i1, j0:j1] += 1
+        if j0 != i0:  # folded transposed as well
+            covered[j0:j1, i0:i1] += 1
+    assert bool((covered == 1).all())
+    diagonal = [b for b in blocks if b[0] == b[2]]
+    assert blocks[: len(diagonal)] == diagonal
+    assert sum(i1 - i0 for i0, i1, _, _ in diagonal) == n
+    assert max(i1 - i0 for i0, i1, _, _ in diagonal) == 75
+    assert max(j1 - j0 for _, _, j0, j1 in blocks) == 300
+
+
+def brute_force_knn_with_indices(x: torch.Tensor, k: int):
+    """float64 direct distances, own row excluded, ties ordered by index."""
+    d = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    d.fill_diagonal_(math.inf)
+    values, indices = d.sort(dim=1, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+def test_kernel_search_is_exact_on_a_grid_full_of_ties_and_duplicates():
+    from ldreg.knn import _KERNEL_MIN_SCORES
+
+    # Integer coordinates: every squared distance is an exact integer, so ties are exact
+    # and ~175 pairs of points coincide. 1200^2 scores: the CPU search uses its kernels.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randint(0, 4, (1200, 6), generator=g).float()
+    assert x.shape[0] ** 2 >= _KERNEL_MIN_SCORES
+    want, _ = brute_force_knn_with_indices(x, 20)
+    for dists, indices in (
+        knn(x, 20),
+        knn(x, 20, chunk_size=256),
+        knn(x[:900], 20, x, self_offset=0),  # the general search, 900 x 1200 scores
+    ):
+        n = dists.shape[0]
+        assert torch.equal(dists, want[:n].float())  # float32 rounding of the exact distance
+        assert not (indices == torch.arange(n).unsqueeze(1)).any()
+        assert all(len(set(row)) == 20 for row in indices.tolist())
+        direct = (x[:n].unsqueeze(1) - x[indices]).double().norm(dim=2).float()
+        assert torch.equal(direct, dists)  # each index is a neighbour at its distance
+    assert int((want[:, 0] == 0).sum()) > 100  # the duplicates were there
+
+
+def test_kernel_search_ranks_by_exact_distance_and_breaks_ties_by_index(monkeypatch):
+    import ldreg.knn
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(1100, 24, generator=g) + 50.0  # off-centre: cancellation in the GEMM
+    x[5:8] = x[5]
+    x[700] = x[3]
+    want_d, want_i = brute_force_knn_with_indices(x, 30)
+    dists, indices = knn(x, 30)
+    assert torch.equal(indices, want_i)
+    blocked_d, blocked_i = knn(x, 30, chunk_size=300)  # folded both ways, block by block
+    assert torch.equal(blocked_i, indices) and torch.equal(blocked_d, dists)
+    torch.testing.assert_close(dists.double(), want_d, rtol=1e-7, atol=0)
+    assert dists[5, :2].tolist() == [0.0, 0.0] and indices[5, :2].tolist() == [6, 7]
+    assert dists[700, 0].item() == 0.0 and indices[700, 0].item() == 3
+    # The torch path (CUDA, small searches) finds the same neighbours.
+    monkeypatch.setattr(ldreg.knn, "_KERNEL_MIN_SCORES", 2**62)
+    torch_d, torch_i = knn(x, 30)
+    torch.testing.assert_close(torch_d, dists, rtol=1e-6, atol=0)
+    assert (torch_i == indices).float().mean() > 0.99  # float32 near-ties may swap
+
+
+def test_pair_distance_kernel_is_exact_for_duplicates_and_marks_the_own_row():
+    from ldreg._knn_cpu import pair_distances
+
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(50, 37, generator=g)  # 37 columns: a remainder after the SIMD lanes
+    x[10] = x[20]
+    indices = torch.randint(0, 50, (30, 9), generator=g)
+    indices[0, 4], indices[7, 2] = 3, 20  # query rows are points 3..32
+    out = torch.empty(30, 9, dtype=torch.float64)
+    pair_distances(x[3:33].numpy(), x.numpy(), indices.numpy(), out.numpy(), 0, 30, 3)
+    want = (x[3:33].double().unsqueeze(1) - x.double()[indices]).norm(dim=2)
+    want[indices == torch.arange(3, 33).unsqueeze(1)] = math.inf
+    torch.testing.assert_close(out, want, rtol=1e-14, atol=0)
+    assert out[0, 4].item() == math.inf  # row 0 is point 3: its own row
+    assert out[7, 2].item() == 0.0  # point 10 against its duplicate, point 20
 
 
 def test_knn_excludes_self_by_index_so_a_duplicate_is_a_neighbour():
