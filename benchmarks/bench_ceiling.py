@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_train import StepTimes  # a sibling script: benchmarks/ is on sys.path
 
 from ldreg import registry
 from ldreg.data import build_datasets
@@ -78,28 +79,6 @@ def make_spec(preset: Preset, steps: int, args: argparse.Namespace) -> PretrainS
     )
 
 
-class StepMarks:
-    """A sink that only timestamps the steps."""
-
-    def __init__(self) -> None:
-        self.marks: list[float] = []
-
-    def on_train_start(self, **kw) -> None:
-        pass
-
-    def on_step(self, **kw) -> None:
-        self.marks.append(time.perf_counter())
-
-    def on_epoch_end(self, **kw) -> None:
-        pass
-
-    def on_checkpoint(self, **kw) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,9 +87,9 @@ def _sync(device: torch.device) -> None:
 def real_rate(spec: PretrainSpec, device: str, warmup: int) -> float:
     """Images per second of ``pretrain``'s steps after ``warmup`` steps."""
     with tempfile.TemporaryDirectory() as tmp:
-        sink = StepMarks()
+        sink = StepTimes()  # marks the start, then every step
         pretrain(spec, run_dir=Path(tmp), data_root=Path(tmp), sink=sink, device=device)
-    marks = sink.marks[warmup:]
+    marks = sink.marks[1 + warmup :]
     return spec.batch_size * (len(marks) - 1) / (marks[-1] - marks[0])
 
 
