@@ -316,3 +316,10 @@ def json_response(
         headers=headers,
         media_type="application/json",
     )
+
+
+# The errors every route naming jobs may answer: 409 / 422 because a job id may be a
+# short prefix (service.job_ids) that names several jobs, or is too short.
+JOB_ROUTE_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut} for status in (401, 404, 409, 422, 503)
+}

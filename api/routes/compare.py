@@ -12,19 +12,13 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.schemas import ErrorOut, JobOut, json_response
+from api.schemas import JOB_ROUTE_ERRORS, JobOut, json_response
 from service import compare
 
 router = APIRouter(
     prefix="/compare",
     tags=["compare"],
-    responses={
-        401: {"model": ErrorOut},
-        404: {"model": ErrorOut},
-        409: {"model": ErrorOut},
-        422: {"model": ErrorOut},
-        503: {"model": ErrorOut},
-    },
+    responses=JOB_ROUTE_ERRORS,
 )
 
 DEFINITIONS = {

@@ -19,6 +19,7 @@ from api.deps import (
 from api.errors import ApiError
 from api.reads import Reads
 from api.schemas import (
+    JOB_ROUTE_ERRORS,
     ArtifactList,
     ArtifactOut,
     ErrorOut,
@@ -39,15 +40,7 @@ from service.sweeps import SweepSpec, arms
 router = APIRouter(
     prefix="/jobs",
     tags=["jobs"],
-    # 409 / 422 on every route: a job id may be a short prefix (service.job_ids) that
-    # names several jobs, or is too short.
-    responses={
-        401: {"model": ErrorOut},
-        404: {"model": ErrorOut},
-        409: {"model": ErrorOut},
-        422: {"model": ErrorOut},
-        503: {"model": ErrorOut},
-    },
+    responses=JOB_ROUTE_ERRORS,
 )
 
 

@@ -26,28 +26,22 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep, bearer_token, get_reads
-from api.schemas import ErrorOut
+from api.schemas import JOB_ROUTE_ERRORS
 from service import jobs
 from service.errors import NotFound
+from service.execution import RUNNING_STATES  # still writing their attempt's log
 from service.logs import LogChunk, attempt_log_path, read_chunk, tail_offset
 from service.models import Team
 
 router = APIRouter(
     prefix="/jobs",
     tags=["jobs"],
-    responses={
-        401: {"model": ErrorOut},
-        404: {"model": ErrorOut},
-        409: {"model": ErrorOut},  # a short job id that names several jobs
-        422: {"model": ErrorOut},
-        503: {"model": ErrorOut},
-    },
+    responses=JOB_ROUTE_ERRORS,
 )
 
 FOLLOW_POLL_SECONDS = 0.25
 FOLLOW_STATE_SECONDS = 1.0
-# States in which an attempt is still writing its log.
-RUNNING = frozenset({"running", "cancelling"})
+
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 TEXT = "text/plain; charset=utf-8"
 
@@ -84,7 +78,7 @@ def _job_state(session: Any, team: Team, job_id: str) -> tuple[str, str, int]:
 
 def _complete(state: str, latest: int, attempt: int) -> bool:
     """Whether ``attempt``'s log is finished: nobody is writing it any more."""
-    return attempt < latest or (attempt > 0 and state not in RUNNING)
+    return attempt < latest or (attempt > 0 and state not in RUNNING_STATES)
 
 
 @router.get(
